@@ -1,0 +1,56 @@
+# jobstate — every set-up step lives here, so a fresh machine needs only Python 3.11, make (and Node for buf).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+HOST ?= 127.0.0.1
+PORT ?= 50051
+PROTOS := $(wildcard protos/jobstate/v1/*.proto)
+export PYTHONPATH := $(CURDIR)/server:$(CURDIR)/client:$(CURDIR)/gen
+
+.PHONY: help venv proto proto-check lint test test-fast test-heavy run node-deps clean
+
+help:
+	@echo "make run    start the server on $(HOST):$(PORT) (HOST=, PORT= override)"
+	@echo "make test   lint, type-check and run every test"
+	@echo "make proto  regenerate the Python stubs in gen/ from protos/"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-deps: node_modules/.installed
+
+# Stubs are generated, never edited; tests/test_generated.py fails when they are stale.
+proto: venv
+	bash scripts/gen-proto.sh gen
+
+run: venv
+	$(PY) -m jobstate serve --host $(HOST) --port $(PORT) $(ARGS)
+
+lint: venv node-deps
+	$(BIN)/ruff check server client tests bench scripts
+	$(BIN)/ruff format --check server client tests bench scripts
+	$(BIN)/mypy -p jobstate.server -p jobstate.client
+	npx --no-install buf lint
+
+test: lint
+	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/pytest -q -x -m "not slow" $(PYTEST_ARGS)
+
+test-heavy: venv
+	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache build *.egg-info

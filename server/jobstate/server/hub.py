@@ -1,0 +1,410 @@
+"""The watch hub: fans every committed change out to every matching watcher.
+
+Design (after Nomad's event buffer and etcd's watchable store):
+
+- One bounded ring holds the last ``history_size`` changes, each already serialized once into the bytes of a
+  ``WatchResponse.events`` entry. A response is those byte strings joined, so a change that reaches a thousand
+  watchers is encoded once, and a batch of waiting changes costs one message.
+- A watcher of every job is only a cursor into the ring. Publishing wakes all of them at once by setting one
+  ``asyncio.Event`` and swapping in a fresh one: the writer never waits for a reader and does no per-watcher
+  work for them.
+- A watcher with a filter (job ids or a node) is indexed by job id or node id, so a change costs work only
+  for the watchers it matches: it is appended to their bounded pending queue. A watcher whose queue overflows
+  falls back to reading the ring from its cursor, like an etcd "victim", and returns to its queue once it has
+  caught up.
+- A watcher whose cursor falls out of the ring (it read too slowly for too long) ends with ``WatcherLagged``,
+  which names the revision to resume from. Nothing is ever skipped silently.
+
+Invariant: ``publish`` is called in revision order with revisions one apart, from the event loop's thread,
+and never awaits, so a watcher sees either all of a change or none of it. The hub imports nothing of gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+from jobstate.server.errors import ResourceLimit, RevisionCompacted, ShuttingDown, WatcherLagged
+from jobstate.v1 import job_state_pb2 as pb
+from jobstate.v1 import job_state_service_pb2 as spb
+
+ET = spb.WatchEventType
+CREATED = ET.WATCH_EVENT_TYPE_CREATED
+UPDATED = ET.WATCH_EVENT_TYPE_UPDATED
+DELETED = ET.WATCH_EVENT_TYPE_DELETED
+INITIAL = ET.WATCH_EVENT_TYPE_INITIAL
+BOOKMARK = ET.WATCH_EVENT_TYPE_BOOKMARK
+
+# A ring scan that matches nothing gives the loop back after this many changes, so one filtered watcher
+# catching up through a long history cannot stall every other client.
+_SCAN_SLICE = 4096
+
+
+# --- wire encoding -----------------------------------------------------------------------------------------
+# WatchResponse is built from pre-serialized events, so its wire form is written here directly: field 1
+# (events, length-delimited) once per event, then field 2 (revision, varint). tests/unit/test_hub.py checks the
+# result against protobuf's own parser.
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _timestamp(ns: int) -> bytes:
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    out = b""
+    if seconds:
+        out += b"\x08" + _varint(seconds)
+    if nanos:
+        out += b"\x10" + _varint(nanos)
+    return out
+
+
+def encode_event(event_type: int, revision: int, job_bytes: bytes | None, time_ns: int) -> bytes:
+    """The serialized ``WatchEvent``, framed as one entry of ``WatchResponse.events``."""
+    body = bytearray(b"\x08")
+    body += _varint(event_type)
+    if revision:
+        body += b"\x10" + _varint(revision)
+    if job_bytes is not None:
+        body += b"\x1a" + _varint(len(job_bytes)) + job_bytes
+    if time_ns:
+        ts = _timestamp(time_ns)
+        body += b"\x22" + _varint(len(ts)) + ts
+    return b"\x0a" + _varint(len(body)) + bytes(body)
+
+
+def encode_response(frames: Iterable[bytes], revision: int) -> bytes:
+    """The serialized ``WatchResponse`` of already framed events."""
+    tail = b"\x10" + _varint(revision) if revision else b""
+    return b"".join(frames) + tail
+
+
+# --- published changes -------------------------------------------------------------------------------------
+
+
+class Change:
+    """One committed change as the hub keeps it: serialized once, plus what filters need."""
+
+    __slots__ = ("frame", "job_id", "nodes", "revision")
+
+    def __init__(self, revision: int, event_type: int, job: pb.JobState, time_ns: int) -> None:
+        self.revision = revision
+        self.job_id = job.job_id
+        self.nodes = frozenset(e.node_id for e in job.executions)
+        self.frame = encode_event(event_type, revision, job.SerializeToString(), time_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSpec:
+    """What a watcher asks for (WatchRequest, validated)."""
+
+    job_ids: frozenset[str] | None = None
+    node_id: str = ""
+    start_revision: int = 0
+    send_initial_state: bool = False
+    progress_interval: float | None = None
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Every matching job at ``revision``: (job, revision of its last change, time of that change)."""
+
+    revision: int
+    jobs: list[tuple[pb.JobState, int, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class HubStats:
+    published: int = 0
+    responses: int = 0
+    events_delivered: int = 0
+    lagged: int = 0
+    watchers_started: int = 0
+
+
+class _Watcher:
+    __slots__ = ("cursor", "job_ids", "node_id", "overflow", "pending", "unfiltered", "wake")
+
+    def __init__(self, spec: WatchSpec, cursor: int) -> None:
+        self.job_ids = spec.job_ids
+        self.node_id = spec.node_id
+        self.unfiltered = spec.job_ids is None and not spec.node_id
+        # The next revision this watcher has not yet considered.
+        self.cursor = cursor
+        self.pending: deque[Change] = deque()
+        # True while the watcher reads the ring instead of its pending queue.
+        self.overflow = True
+        self.wake = asyncio.Event()
+
+    def matches(self, c: Change) -> bool:
+        return (self.job_ids is None or c.job_id in self.job_ids) and (not self.node_id or self.node_id in c.nodes)
+
+
+class WatchHub:
+    """Fan-out of committed changes; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        history_size: int = 100_000,
+        *,
+        max_batch_bytes: int = 1 << 20,
+        max_pending: int = 1024,
+        max_watchers: int = 0,
+    ) -> None:
+        if history_size < 1:
+            raise ValueError("history_size must be at least 1")
+        self._cap = history_size
+        self._ring: list[Change | None] = [None] * history_size
+        self._head = 0
+        self._oldest = 1
+        self._max_batch_bytes = max_batch_bytes
+        self._max_pending = max_pending
+        self._max_watchers = max_watchers
+        self._wake = asyncio.Event()
+        self._unfiltered = 0
+        self._watchers: set[_Watcher] = set()
+        self._by_job: dict[str, set[_Watcher]] = {}
+        self._by_node: dict[str, set[_Watcher]] = {}
+        self._closed = False
+        self.stats = HubStats()
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    @property
+    def head_revision(self) -> int:
+        """The revision of the last published change."""
+        return self._head
+
+    @property
+    def oldest_revision(self) -> int:
+        """The oldest revision a watcher can still start from."""
+        return self._oldest
+
+    @property
+    def history_size(self) -> int:
+        return self._cap
+
+    @property
+    def held(self) -> int:
+        """How many changes the ring holds now."""
+        return self._head - self._oldest + 1
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)
+
+    def lags(self) -> list[int]:
+        """How many revisions each watcher is behind the head."""
+        head = self._head
+        return [max(0, head + 1 - w.cursor) if (w.overflow or w.unfiltered) else len(w.pending) for w in self._watchers]
+
+    def reset(self, head_revision: int) -> None:
+        """Starts the hub at ``head_revision`` with nothing held (an engine reopened after a restart)."""
+        self._head = head_revision
+        self._oldest = head_revision + 1
+
+    def close(self) -> None:
+        """Ends every watch stream with ``ShuttingDown`` and refuses new ones."""
+        self._closed = True
+        self._wake.set()
+        for w in self._watchers:
+            w.wake.set()
+
+    # -- publishing ----------------------------------------------------------------------------------------
+
+    def publish(self, revision: int, event_type: int, job: pb.JobState, time_ns: int) -> None:
+        if revision != self._head + 1:
+            raise ValueError(f"revision {revision} published after {self._head}: revisions must be consecutive")
+        c = Change(revision, event_type, job, time_ns)
+        self._ring[revision % self._cap] = c
+        self._head = revision
+        if revision - self._oldest >= self._cap:
+            self._oldest = revision - self._cap + 1
+        self.stats.published += 1
+        targets = self._by_job.get(c.job_id)
+        if targets:
+            for w in targets:
+                if w.matches(c):
+                    self._push(w, c)
+        if self._by_node:
+            for node in c.nodes:
+                for w in self._by_node.get(node, ()):
+                    self._push(w, c)
+        if self._unfiltered:
+            wake, self._wake = self._wake, asyncio.Event()
+            wake.set()
+
+    def _push(self, w: _Watcher, c: Change) -> None:
+        if w.overflow:
+            return
+        if len(w.pending) >= self._max_pending:
+            # Too far behind to queue: read the ring from the cursor instead (it holds these changes too).
+            w.overflow = True
+            w.pending.clear()
+        else:
+            w.pending.append(c)
+        w.wake.set()
+
+    # -- watching ------------------------------------------------------------------------------------------
+
+    def _register(self, w: _Watcher) -> None:
+        self._watchers.add(w)
+        self.stats.watchers_started += 1
+        if w.unfiltered:
+            self._unfiltered += 1
+        elif w.job_ids is not None:
+            for job_id in w.job_ids:
+                self._by_job.setdefault(job_id, set()).add(w)
+        else:
+            self._by_node.setdefault(w.node_id, set()).add(w)
+
+    def _unregister(self, w: _Watcher) -> None:
+        if w not in self._watchers:
+            return
+        self._watchers.discard(w)
+        if w.unfiltered:
+            self._unfiltered -= 1
+            return
+        index, keys = (self._by_job, w.job_ids) if w.job_ids is not None else (self._by_node, frozenset((w.node_id,)))
+        for key in keys:
+            ws = index.get(key)
+            if ws is not None:
+                ws.discard(w)
+                if not ws:
+                    del index[key]
+
+    async def watch(self, spec: WatchSpec, snapshot: Callable[[], Snapshot] | None = None) -> AsyncIterator[bytes]:
+        """Serialized ``WatchResponse`` messages for ``spec``, until the caller stops iterating.
+
+        Raises ``RevisionCompacted`` (first iteration), ``WatcherLagged``, ``ShuttingDown`` or ``ResourceLimit``.
+        ``snapshot`` is required for ``send_initial_state`` and must not await: it runs in the same step that
+        places the watcher's cursor, so snapshot and stream meet with no gap and no repeat.
+        """
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        if self._max_watchers and len(self._watchers) >= self._max_watchers:
+            raise ResourceLimit(
+                f"the server already has {len(self._watchers)} watchers, its limit", limit="max_watchers"
+            )
+        snap: Snapshot | None = None
+        if spec.send_initial_state:
+            if snapshot is None:
+                raise ValueError("send_initial_state needs a snapshot function")
+            snap = snapshot()
+            cursor = snap.revision + 1
+        elif spec.start_revision:
+            if spec.start_revision < self._oldest and spec.start_revision <= self._head:
+                raise RevisionCompacted(
+                    f"revision {spec.start_revision} is no longer held; the oldest held is {self._oldest}",
+                    oldest_revision=self._oldest,
+                )
+            cursor = spec.start_revision
+        else:
+            cursor = self._head + 1
+        w = _Watcher(spec, cursor)
+        self._register(w)
+        try:
+            if snap is not None:
+                async for message in self._initial(snap):
+                    yield message
+            while True:
+                if self._closed:
+                    raise ShuttingDown("the server is shutting down")
+                frames, upto, more = self._collect(w)
+                if frames:
+                    self.stats.responses += 1
+                    self.stats.events_delivered += len(frames)
+                    yield encode_response(frames, upto)
+                    continue
+                if more:
+                    await asyncio.sleep(0)
+                    continue
+                wake = self._wake if w.unfiltered else w.wake
+                if not w.unfiltered:
+                    wake.clear()
+                if spec.progress_interval is None:
+                    await wake.wait()
+                    continue
+                try:
+                    async with asyncio.timeout(spec.progress_interval):
+                        await wake.wait()
+                except TimeoutError:
+                    upto = min(w.cursor - 1, self._head)
+                    yield encode_response((encode_event(BOOKMARK, upto, None, 0),), upto)
+        finally:
+            self._unregister(w)
+
+    async def _initial(self, snap: Snapshot) -> AsyncIterator[bytes]:
+        frames: list[bytes] = []
+        size = 0
+        for job, revision, time_ns in snap.jobs:
+            frame = encode_event(INITIAL, revision, job.SerializeToString(), time_ns)
+            frames.append(frame)
+            size += len(frame)
+            if size >= self._max_batch_bytes:
+                yield encode_response(frames, 0)
+                frames, size = [], 0
+        frames.append(encode_event(BOOKMARK, snap.revision, None, 0))
+        yield encode_response(frames, snap.revision)
+
+    def _collect(self, w: _Watcher) -> tuple[list[bytes], int, bool]:
+        """The frames waiting for ``w`` (within the batch bound), the revision they cover, and whether more wait."""
+        if w.unfiltered or w.overflow:
+            return self._collect_ring(w)
+        frames: list[bytes] = []
+        size = 0
+        pending = w.pending
+        last = 0
+        while pending and size < self._max_batch_bytes:
+            c = pending.popleft()
+            if c.revision < w.cursor:
+                continue
+            frames.append(c.frame)
+            size += len(c.frame)
+            last = c.revision
+        if pending:
+            w.cursor = last + 1
+        else:
+            w.cursor = max(w.cursor, self._head + 1)
+        return frames, w.cursor - 1, bool(pending)
+
+    def _collect_ring(self, w: _Watcher) -> tuple[list[bytes], int, bool]:
+        head = self._head
+        rev = w.cursor
+        if rev > head:
+            w.overflow = False
+            return [], head, False
+        if rev < self._oldest:
+            self.stats.lagged += 1
+            raise WatcherLagged(
+                f"watcher fell behind: revision {rev} is no longer held (oldest {self._oldest}); resume from it "
+                "(or relist if it is compacted)",
+                resume_revision=rev,
+            )
+        ring, cap, limit = self._ring, self._cap, self._max_batch_bytes
+        frames: list[bytes] = []
+        size = 0
+        stop = min(head, rev + _SCAN_SLICE)
+        unfiltered = w.unfiltered
+        while rev <= stop and size < limit:
+            c = ring[rev % cap]
+            assert c is not None
+            if unfiltered or w.matches(c):
+                frames.append(c.frame)
+                size += len(c.frame)
+            rev += 1
+        w.cursor = rev
+        if rev > head:
+            w.overflow = False
+            w.pending.clear()
+        return frames, rev - 1, rev <= head

@@ -1,0 +1,202 @@
+"""Building and running the server process.
+
+``build_server(config)`` assembles a ready ``App`` (grpc.aio server, store, health, reflection) bound to its
+port but not started, so tests start a real server on port 0. ``serve(config)`` runs it until SIGTERM or
+SIGINT, then shuts down gracefully: health turns NOT_SERVING, watch streams end with UNAVAILABLE /
+SHUTTING_DOWN, in-flight calls get ``grace`` seconds to finish, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, replace
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # health.aio, spelled so type checkers find it
+from grpc_reflection.v1alpha import reflection
+
+from jobstate.server import rules
+from jobstate.server.hub import WatchHub
+from jobstate.server.service import SERVICE_NAME, JobStateService, Observer
+from jobstate.server.store import MemoryStore, Store
+
+log = logging.getLogger("jobstate.server")
+
+# How often the timeout sweeper looks at the earliest deadline; a job times out at most this late.
+SWEEP_INTERVAL = 0.1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    history_size: int = 100_000
+    max_watchers: int = 10_000
+    grace: float = 5.0
+    max_message_bytes: int = 8 * 1024 * 1024
+    limits: rules.Limits = field(default_factory=rules.Limits)
+    keepalive_seconds: float = 30.0
+
+
+@dataclass
+class App:
+    """A built server and what it serves; ``start`` and ``stop`` run it."""
+
+    config: ServerConfig
+    server: grpc.aio.Server
+    port: int
+    store: Store
+    health: HealthServicer
+    _sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def target(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._sweeper = asyncio.create_task(sweep_timeouts(self.store), name="timeout-sweeper")
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.store.close()  # watch streams end with SHUTTING_DOWN
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.server.stop(self.config.grace if grace is None else grace)
+
+
+async def sweep_timeouts(store: Store) -> None:
+    """Moves jobs whose ``timeout_at`` has passed to ERROR, "timed out"."""
+    while True:
+        due = store.next_timeout_ns()
+        delay = SWEEP_INTERVAL if due is None else min(SWEEP_INTERVAL, max(0.0, (due - time.time_ns()) / 1e9))
+        await asyncio.sleep(delay)
+        try:
+            expired = await store.expire_due()
+        except Exception:  # the sweeper must outlive one bad sweep; the next one retries
+            log.exception("timeout sweep failed")
+            continue
+        if expired:
+            log.info("timeout sweep", extra={"expired": expired})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_server(config: ServerConfig, store: Store | None = None, observer: Observer | None = None) -> App:
+    """A server bound to ``config.host:config.port`` (0: a free port), not yet started."""
+    if store is None:
+        store = MemoryStore(WatchHub(config.history_size, max_watchers=config.max_watchers), config.limits)
+    keepalive_ms = int(config.keepalive_seconds * 1000)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # Dead watchers are found by keepalive pings and released.
+            ("grpc.keepalive_time_ms", keepalive_ms),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    service = JobStateService(store, observer)
+    server.add_generic_rpc_handlers((service.handler(),))
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc reports a failed bind this way; say it as the OS would
+        raise OSError(f"cannot listen on {address}: address in use or not available") from exc
+    return App(replace(config, port=port), server, port, store, health_servicer)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and whatever ``extra`` the call passed."""
+
+    _plain = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._plain})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    _plain = JsonFormatter._plain
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in self._plain)
+        return f"{line} {extra}" if extra else line
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger("jobstate")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
+    """Runs the server until SIGTERM or SIGINT, then stops gracefully."""
+    app = build_server(config)
+    await app.start()
+    log.info(
+        "serving",
+        extra={
+            "address": app.target,
+            "history_size": config.history_size,
+            "max_watchers": config.max_watchers,
+        },
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("stopping", extra={"grace_seconds": config.grace, "watchers": app.store.stats().watchers})
+    await app.stop()
+    log.info("stopped")
+
+
+def run(config: ServerConfig) -> int:
+    asyncio.run(serve(config))
+    return 0

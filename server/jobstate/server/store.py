@@ -1,0 +1,389 @@
+"""The store: the one source of truth for jobs, behind an interface every engine implements.
+
+``Store`` is the interface the service calls; its methods are ``async`` so that a networked engine (etcd)
+can implement it too. ``MemoryStore`` is the embedded engine: a dict of jobs, each job's history, and a
+``WatchHub`` that it publishes every change to.
+
+Atomicity of ``MemoryStore``: every write runs from validation to publish without an ``await``, on the event
+loop's one thread, so no reader or watcher can observe half a change and revisions are published in order.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import bisect
+import heapq
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from google.protobuf import field_mask_pb2
+
+from jobstate.server import changes, rules
+from jobstate.server.errors import InvalidArgument, JobAlreadyExists, JobNotFound, ResourceLimit
+from jobstate.server.hub import CREATED, DELETED, UPDATED, Snapshot, WatchHub, WatchSpec
+from jobstate.v1 import job_state_pb2 as pb
+from jobstate.v1 import job_state_service_pb2 as spb
+
+
+@dataclass(slots=True)
+class WriteResult:
+    job: pb.JobState
+    revision: int
+    execution: pb.ExecutionState | None = None
+
+
+@dataclass(slots=True)
+class ReadResult:
+    job: pb.JobState
+    revision: int
+
+
+@dataclass(slots=True)
+class JobPage:
+    jobs: list[pb.JobState]
+    next_page_token: str
+    revision: int
+
+
+@dataclass(slots=True)
+class HistoryPage:
+    entries: list[pb.JobHistoryEntry]
+    next_page_token: str
+
+
+@dataclass(slots=True)
+class StoreStats:
+    jobs: int
+    jobs_by_state: dict[int, int]
+    revision: int
+    history_held: int
+    history_size: int
+    watchers: int
+    watcher_lags: list[int] = field(default_factory=list)
+
+
+class Store(abc.ABC):
+    """What every storage engine offers. Each method validates its input and raises ``JobStateError``s."""
+
+    limits: rules.Limits
+
+    @abc.abstractmethod
+    async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "") -> WriteResult: ...
+
+    @abc.abstractmethod
+    async def get_job(self, job_id: str) -> ReadResult: ...
+
+    @abc.abstractmethod
+    async def list_jobs(
+        self, states: Sequence[int] = (), node_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> JobPage: ...
+
+    @abc.abstractmethod
+    async def update_job_state(
+        self, job_id: str, new_state: int, condition: spb.JobCondition | None = None, comment: str = ""
+    ) -> WriteResult: ...
+
+    @abc.abstractmethod
+    async def create_execution(self, job_id: str, execution: pb.ExecutionState, comment: str = "") -> WriteResult: ...
+
+    @abc.abstractmethod
+    async def update_execution(
+        self,
+        job_id: str,
+        compute_reference: str,
+        execution: pb.ExecutionState,
+        update_mask: field_mask_pb2.FieldMask | None = None,
+        condition: spb.ExecutionCondition | None = None,
+        comment: str = "",
+    ) -> WriteResult: ...
+
+    @abc.abstractmethod
+    async def delete_job(self, job_id: str, expected_version: int = 0) -> WriteResult: ...
+
+    @abc.abstractmethod
+    async def get_history(self, job_id: str, page_size: int = 0, page_token: str = "") -> HistoryPage: ...
+
+    @abc.abstractmethod
+    def watch(self, spec: WatchSpec) -> AsyncIterator[bytes]:
+        """Serialized ``WatchResponse`` messages; see ``WatchHub.watch``."""
+
+    @abc.abstractmethod
+    async def expire_due(self, now_ns: int | None = None) -> int:
+        """Moves every job whose timeout has passed to ERROR ("timed out"); returns how many."""
+
+    @abc.abstractmethod
+    def next_timeout_ns(self) -> int | None:
+        """When the earliest pending timeout falls due (wall clock, ns), or None."""
+
+    @abc.abstractmethod
+    def stats(self) -> StoreStats: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Ends watch streams with ``ShuttingDown``; the engine's resources are released."""
+
+
+# --- page tokens -------------------------------------------------------------------------------------------
+# Opaque to clients (base64 of a small JSON array), checked on the way in: a token that does not parse is
+# INVALID_ARGUMENT, never an exception.
+
+
+def encode_token(*parts: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(parts, separators=(",", ":")).encode()).decode()
+
+
+def decode_token(token: str, shape: tuple[type, ...]) -> list[object]:
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, UnicodeError) as exc:
+        raise InvalidArgument("page_token is not a token this server issued", field="page_token") from exc
+    if (
+        not isinstance(parts, list)
+        or len(parts) != len(shape)
+        or not all(isinstance(p, t) for p, t in zip(parts, shape, strict=True))
+    ):
+        raise InvalidArgument("page_token is not a token this server issued", field="page_token")
+    return parts
+
+
+# --- validation shared by engines --------------------------------------------------------------------------
+
+
+def validate_create_execution(execution: pb.ExecutionState, limits: rules.Limits) -> None:
+    rules.validate_id(execution.node_id, "execution.node_id")
+    rules.validate_id(execution.compute_reference, "execution.compute_reference", required=False)
+    rules.validate_execution_values(execution, limits)
+
+
+class _Clock:
+    """Wall-clock nanoseconds that never go backwards, so create_time order is commit order."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def now(self) -> int:
+        t = time.time_ns()
+        if t <= self.last:
+            t = self.last + 1
+        self.last = t
+        return t
+
+
+@dataclass(slots=True)
+class _Record:
+    job: pb.JobState
+    mod_revision: int
+    mod_time_ns: int
+    create_ns: int
+    history: list[pb.JobHistoryEntry]
+
+
+class MemoryStore(Store):
+    """The embedded engine: everything in this process; revisions exactly one apart."""
+
+    def __init__(self, hub: WatchHub | None = None, limits: rules.Limits = rules.DEFAULT_LIMITS) -> None:
+        self.hub = hub if hub is not None else WatchHub()
+        self.limits = limits
+        self._jobs: dict[str, _Record] = {}
+        # (create_ns, job_id) of every job, sorted: the ListJobs order, and where a page token resumes.
+        self._order: list[tuple[int, str]] = []
+        self._timeouts: list[tuple[int, str, int]] = []  # heap of (timeout_ns, job_id, create_ns)
+        self._revision = self.hub.head_revision
+        self._clock = _Clock()
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _record(self, job_id: str) -> _Record:
+        rules.validate_id(job_id, "job_id")
+        rec = self._jobs.get(job_id)
+        if rec is None:
+            raise JobNotFound(f"job {job_id!r} does not exist", job_id=job_id)
+        return rec
+
+    def _commit(self, rec: _Record, change: changes.Change, event_type: int, now_ns: int) -> WriteResult:
+        self._revision += 1
+        revision = self._revision
+        change.entry.revision = revision
+        rec.job = change.job
+        rec.mod_revision = revision
+        rec.mod_time_ns = now_ns
+        rec.history.append(change.entry)
+        self.hub.publish(revision, event_type, change.job, now_ns)
+        return WriteResult(change.job, revision, change.execution)
+
+    # -- writes --------------------------------------------------------------------------------------------
+
+    async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "") -> WriteResult:
+        rules.validate_id(job_id, "job_id", required=False)
+        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
+        if timeout_ns < 0:
+            raise InvalidArgument("timeout must not be negative", field="timeout")
+        if timeout_ns > self.limits.max_timeout_seconds * 1_000_000_000:
+            raise InvalidArgument(f"timeout is longer than {self.limits.max_timeout_seconds} seconds", field="timeout")
+        job_id = job_id or str(uuid.uuid4())
+        if job_id in self._jobs:
+            raise JobAlreadyExists(f"job {job_id!r} already exists", job_id=job_id)
+        if self.limits.max_jobs and len(self._jobs) >= self.limits.max_jobs:
+            raise ResourceLimit(f"the store holds {len(self._jobs)} jobs, its limit", limit="max_jobs")
+        now = self._clock.now()
+        change = changes.new_job(job_id, now, timeout_ns, comment)
+        rec = _Record(change.job, 0, now, now, [])
+        self._jobs[job_id] = rec
+        self._order.append((now, job_id))  # the clock is monotonic: appending keeps the order sorted
+        if timeout_ns:
+            heapq.heappush(self._timeouts, (now + timeout_ns, job_id, now))
+        return self._commit(rec, change, CREATED, now)
+
+    async def update_job_state(
+        self, job_id: str, new_state: int, condition: spb.JobCondition | None = None, comment: str = ""
+    ) -> WriteResult:
+        rules.validate_job_state(new_state, "new_state")
+        if condition is not None:
+            rules.validate_job_condition(condition)
+        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
+        rec = self._record(job_id)
+        now = self._clock.now()
+        change = changes.change_job_state(rec.job, new_state, condition, comment, now)
+        return self._commit(rec, change, UPDATED, now)
+
+    async def create_execution(self, job_id: str, execution: pb.ExecutionState, comment: str = "") -> WriteResult:
+        validate_create_execution(execution, self.limits)
+        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
+        rec = self._record(job_id)
+        now = self._clock.now()
+        change = changes.add_execution(rec.job, execution, comment, now, self.limits)
+        return self._commit(rec, change, UPDATED, now)
+
+    async def update_execution(
+        self,
+        job_id: str,
+        compute_reference: str,
+        execution: pb.ExecutionState,
+        update_mask: field_mask_pb2.FieldMask | None = None,
+        condition: spb.ExecutionCondition | None = None,
+        comment: str = "",
+    ) -> WriteResult:
+        rules.validate_id(compute_reference, "compute_reference")
+        paths = rules.execution_update_paths(execution, update_mask or field_mask_pb2.FieldMask())
+        rules.validate_execution_values(execution, self.limits)
+        if condition is not None:
+            rules.validate_execution_condition(condition)
+        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
+        rec = self._record(job_id)
+        now = self._clock.now()
+        change = changes.change_execution(
+            rec.job, compute_reference, execution, paths, condition, comment, now, self.limits
+        )
+        return self._commit(rec, change, UPDATED, now)
+
+    async def delete_job(self, job_id: str, expected_version: int = 0) -> WriteResult:
+        if expected_version < 0:
+            raise InvalidArgument("expected_version must not be negative", field="expected_version")
+        rec = self._record(job_id)
+        changes.check_delete(rec.job, expected_version)
+        now = self._clock.now()
+        del self._jobs[job_id]
+        i = bisect.bisect_left(self._order, (rec.create_ns, job_id))
+        del self._order[i]
+        self._revision += 1
+        self.hub.publish(self._revision, DELETED, rec.job, now)
+        return WriteResult(rec.job, self._revision)
+
+    async def expire_due(self, now_ns: int | None = None) -> int:
+        now = now_ns if now_ns is not None else time.time_ns()
+        expired = 0
+        while self._timeouts and self._timeouts[0][0] <= now:
+            _, job_id, create_ns = heapq.heappop(self._timeouts)
+            rec = self._jobs.get(job_id)
+            if rec is None or rec.create_ns != create_ns:
+                continue  # deleted, or deleted and created again under the same id
+            at = self._clock.now()
+            change = changes.expire(rec.job, at)
+            if change is not None:
+                self._commit(rec, change, UPDATED, at)
+                expired += 1
+        return expired
+
+    def next_timeout_ns(self) -> int | None:
+        return self._timeouts[0][0] if self._timeouts else None
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> ReadResult:
+        return ReadResult(self._record(job_id).job, self._revision)
+
+    async def list_jobs(
+        self, states: Sequence[int] = (), node_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> JobPage:
+        for s in states:
+            rules.validate_job_state(s, "states")
+        rules.validate_id(node_id, "node_id", required=False)
+        size = rules.validate_page(page_size, self.limits)
+        start = 0
+        if page_token:
+            create_ns, last_id = decode_token(page_token, (int, str))
+            start = bisect.bisect_right(self._order, (create_ns, last_id))
+        wanted = frozenset(states)
+        jobs: list[pb.JobState] = []
+        i = start
+        order = self._order
+        while i < len(order) and len(jobs) < size:
+            job = self._jobs[order[i][1]].job
+            i += 1
+            if wanted and job.state not in wanted:
+                continue
+            if node_id and not any(e.node_id == node_id for e in job.executions):
+                continue
+            jobs.append(job)
+        token = encode_token(*order[i - 1]) if i < len(order) else ""
+        return JobPage(jobs, token, self._revision)
+
+    async def get_history(self, job_id: str, page_size: int = 0, page_token: str = "") -> HistoryPage:
+        size = rules.validate_page(page_size, self.limits)
+        rec = self._record(job_id)
+        start = 0
+        if page_token:
+            (start,) = decode_token(page_token, (int,))  # type: ignore[assignment]
+            if start < 0:
+                raise InvalidArgument("page_token is not a token this server issued", field="page_token")
+        end = start + size
+        entries = rec.history[start:end]
+        return HistoryPage(entries, encode_token(end) if end < len(rec.history) else "")
+
+    def snapshot(self, spec: WatchSpec) -> Snapshot:
+        snap = Snapshot(self._revision)
+        if spec.job_ids is not None:
+            recs = [r for j in sorted(spec.job_ids) if (r := self._jobs.get(j)) is not None]
+        else:
+            recs = [self._jobs[job_id] for _, job_id in self._order]
+        for r in recs:
+            if spec.node_id and not any(e.node_id == spec.node_id for e in r.job.executions):
+                continue
+            snap.jobs.append((r.job, r.mod_revision, r.mod_time_ns))
+        return snap
+
+    def watch(self, spec: WatchSpec) -> AsyncIterator[bytes]:
+        return self.hub.watch(spec, lambda: self.snapshot(spec))
+
+    def stats(self) -> StoreStats:
+        by_state: dict[int, int] = {}
+        for r in self._jobs.values():
+            by_state[r.job.state] = by_state.get(r.job.state, 0) + 1
+        return StoreStats(
+            jobs=len(self._jobs),
+            jobs_by_state=by_state,
+            revision=self._revision,
+            history_held=self.hub.held,
+            history_size=self.hub.history_size,
+            watchers=self.hub.watcher_count,
+            watcher_lags=self.hub.lags(),
+        )
+
+    async def close(self) -> None:
+        self.hub.close()
