@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jobstate.server import rules
 from jobstate.server.hub import WatchHub
+from jobstate.server.metrics import Metrics, Observers
 from jobstate.server.service import SERVICE_NAME, JobStateService, Observer
 from jobstate.server.store import MemoryStore, Store
 
@@ -44,6 +45,8 @@ class ServerConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     limits: rules.Limits = field(default_factory=rules.Limits)
     keepalive_seconds: float = 30.0
+    # Prometheus metrics over HTTP on host:metrics_port (0: a free port); None: no metrics.
+    metrics_port: int | None = None
 
 
 @dataclass
@@ -55,6 +58,7 @@ class App:
     port: int
     store: Store
     health: HealthServicer
+    metrics: Metrics | None = None
     _sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -62,7 +66,15 @@ class App:
         host = self.config.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The port metrics are served on once started (the bound one when configured as 0)."""
+        return None if self.metrics is None else self.metrics.port
+
     async def start(self) -> None:
+        if self.metrics is not None and self.config.metrics_port is not None:
+            # Bound first, so a taken metrics port fails the start before the server takes any call.
+            await self.metrics.start(self.config.host, self.config.metrics_port)
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -76,6 +88,8 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.server.stop(self.config.grace if grace is None else grace)
+        if self.metrics is not None:
+            await self.metrics.stop()
 
 
 async def sweep_timeouts(store: Store) -> None:
@@ -106,6 +120,10 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     """A server bound to ``config.host:config.port`` (0: a free port), not yet started."""
     if store is None:
         store = MemoryStore(WatchHub(config.history_size, max_watchers=config.max_watchers), config.limits)
+    metrics: Metrics | None = None
+    if config.metrics_port is not None:
+        metrics = Metrics(store)
+        observer = metrics if observer is None else Observers(metrics, observer)
     keepalive_ms = int(config.keepalive_seconds * 1000)
     server = grpc.aio.server(
         options=[
@@ -132,7 +150,7 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
         port = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc reports a failed bind this way; say it as the OS would
         raise OSError(f"cannot listen on {address}: address in use or not available") from exc
-    return App(replace(config, port=port), server, port, store, health_servicer)
+    return App(replace(config, port=port), server, port, store, health_servicer, metrics)
 
 
 class JsonFormatter(logging.Formatter):
@@ -183,6 +201,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
             "address": app.target,
             "history_size": config.history_size,
             "max_watchers": config.max_watchers,
+            **({"metrics_port": app.metrics_port} if app.metrics_port is not None else {}),
         },
     )
     stop = asyncio.Event()
