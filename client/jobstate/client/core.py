@@ -1,0 +1,333 @@
+"""What ``Client`` and ``AsyncClient`` share: request building, retry policy, watch resumption, the informer
+cache. Everything here is free of I/O, so both clients behave the same and tests can check the logic alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import duration_pb2, field_mask_pb2
+
+from jobstate.client.errors import JobStateError, Reason
+from jobstate.v1 import job_state_pb2 as pb
+from jobstate.v1 import job_state_service_pb2 as spb
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+SERVICE = "jobstate.v1.JobStateService"
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Watch streams can be idle for long; pings keep NATs open and find dead servers.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+Seconds = float | int | dt.timedelta
+JobStateLike = int | str
+ExecutionStateLike = int | str
+
+
+def _duration(value: Seconds) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    if isinstance(value, dt.timedelta):
+        d.FromTimedelta(value)
+    else:
+        d.FromNanoseconds(int(value * 1_000_000_000))
+    return d
+
+
+def job_state(value: JobStateLike) -> int:
+    """A ``JobStateType`` from its number, its full name, or its short name ("COMPLETED", "in_progress")."""
+    if isinstance(value, int):
+        return value
+    name = value.strip().upper().replace("-", "_")
+    if not name.startswith("JOB_STATE_TYPE_"):
+        name = "JOB_STATE_TYPE_" + name
+    try:
+        return pb.JobStateType.Value(name)
+    except ValueError:
+        raise ValueError(f"unknown job state {value!r}") from None
+
+
+def execution_state(value: ExecutionStateLike) -> int:
+    """An ``ExecutionStateType`` from its number, its full name, or its short name ("BID_ACCEPTED")."""
+    if isinstance(value, int):
+        return value
+    name = value.strip().upper().replace("-", "_")
+    if not name.startswith("EXECUTION_STATE_TYPE_"):
+        name = "EXECUTION_STATE_TYPE_" + name
+    try:
+        return pb.ExecutionStateType.Value(name)
+    except ValueError:
+        raise ValueError(f"unknown execution state {value!r}") from None
+
+
+def short_job_state(value: int) -> str:
+    try:
+        return pb.JobStateType.Name(value).removeprefix("JOB_STATE_TYPE_")  # type: ignore[arg-type]
+    except ValueError:
+        return str(value)
+
+
+def short_execution_state(value: int) -> str:
+    try:
+        return pb.ExecutionStateType.Name(value).removeprefix("EXECUTION_STATE_TYPE_")  # type: ignore[arg-type]
+    except ValueError:
+        return str(value)
+
+
+# --- request building --------------------------------------------------------------------------------------
+
+
+def create_job_request(job_id: str = "", timeout: Seconds | None = None, comment: str = "") -> spb.CreateJobRequest:
+    req = spb.CreateJobRequest(job_id=job_id, comment=comment)
+    if timeout is not None:
+        req.timeout.CopyFrom(_duration(timeout))
+    return req
+
+
+def list_jobs_request(
+    states: Iterable[JobStateLike] = (), node_id: str = "", page_size: int = 0, page_token: str = ""
+) -> spb.ListJobsRequest:
+    return spb.ListJobsRequest(
+        states=[job_state(s) for s in states],  # type: ignore[misc]
+        node_id=node_id,
+        page_size=page_size,
+        page_token=page_token,
+    )
+
+
+def update_job_state_request(
+    job_id: str,
+    new_state: JobStateLike,
+    *,
+    expected_version: int = 0,
+    expected_state: JobStateLike | None = None,
+    unexpected_states: Iterable[JobStateLike] = (),
+    comment: str = "",
+) -> spb.UpdateJobStateRequest:
+    cond = spb.JobCondition(
+        expected_version=expected_version,
+        expected_state=job_state(expected_state) if expected_state is not None else 0,  # type: ignore[arg-type]
+        unexpected_states=[job_state(s) for s in unexpected_states],  # type: ignore[misc]
+    )
+    return spb.UpdateJobStateRequest(
+        job_id=job_id,
+        new_state=job_state(new_state),  # type: ignore[arg-type]
+        condition=cond,
+        comment=comment,
+    )
+
+
+def create_execution_request(
+    job_id: str,
+    node_id: str,
+    *,
+    compute_reference: str = "",
+    state: ExecutionStateLike | None = None,
+    desired_state: int = 0,
+    status: str = "",
+    comment: str = "",
+) -> spb.CreateExecutionRequest:
+    e = pb.ExecutionState(
+        node_id=node_id,
+        compute_reference=compute_reference,
+        state=execution_state(state) if state is not None else 0,  # type: ignore[arg-type]
+        desired_state=desired_state,  # type: ignore[arg-type]
+        status=status,
+    )
+    return spb.CreateExecutionRequest(job_id=job_id, execution=e, comment=comment)
+
+
+def update_execution_request(
+    job_id: str,
+    compute_reference: str,
+    execution: pb.ExecutionState | None = None,
+    *,
+    state: ExecutionStateLike | None = None,
+    status: str | None = None,
+    update_mask: Sequence[str] | None = None,
+    expected_version: int = 0,
+    expected_states: Iterable[ExecutionStateLike] = (),
+    unexpected_states: Iterable[ExecutionStateLike] = (),
+    comment: str = "",
+) -> spb.UpdateExecutionRequest:
+    """``execution`` plus the ``state``/``status`` shortcuts; the mask is the given one, or the fields the
+    shortcuts set (plus every field set in ``execution`` when no mask is given and no shortcut is used)."""
+    e = pb.ExecutionState()
+    if execution is not None:
+        e.CopyFrom(execution)
+    paths = list(update_mask) if update_mask is not None else []
+    if state is not None:
+        e.state = execution_state(state)  # type: ignore[assignment]
+        if update_mask is None:
+            paths.append("state")
+    if status is not None:
+        e.status = status
+        if update_mask is None:
+            paths.append("status")
+    if update_mask is None and execution is not None and paths:
+        paths = []  # mixed use: let the server take every field set
+    cond = spb.ExecutionCondition(
+        expected_version=expected_version,
+        expected_states=[execution_state(s) for s in expected_states],  # type: ignore[misc]
+        unexpected_states=[execution_state(s) for s in unexpected_states],  # type: ignore[misc]
+    )
+    return spb.UpdateExecutionRequest(
+        job_id=job_id,
+        compute_reference=compute_reference,
+        execution=e,
+        update_mask=field_mask_pb2.FieldMask(paths=paths),
+        condition=cond,
+        comment=comment,
+    )
+
+
+def watch_request(
+    job_ids: Iterable[str] = (),
+    node_id: str = "",
+    start_revision: int = 0,
+    send_initial_state: bool = False,
+    progress_interval: Seconds | None = None,
+) -> spb.WatchRequest:
+    req = spb.WatchRequest(
+        job_ids=list(job_ids), node_id=node_id, start_revision=start_revision, send_initial_state=send_initial_state
+    )
+    if progress_interval is not None:
+        req.progress_interval.CopyFrom(_duration(progress_interval))
+    return req
+
+
+# --- retries -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter (so that clients cut off together do not return together)."""
+
+    initial: float = 0.05
+    maximum: float = 5.0
+    multiplier: float = 2.0
+    max_attempts: int = 0  # 0: unlimited (watch resumption); reads use ``read_attempts``
+
+    def delay(self, attempt: int) -> float:
+        cap = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
+        return random.uniform(cap / 2, cap)
+
+
+DEFAULT_BACKOFF = Backoff()
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+
+def should_retry_read(exc: JobStateError) -> bool:
+    """Reads are idempotent: retry them when the server could not be reached or is restarting."""
+    return exc.code in RETRYABLE_CODES
+
+
+# --- watch resumption --------------------------------------------------------------------------------------
+
+
+@dataclass
+class WatchCursor:
+    """Where a watch stands, so that a dropped stream resumes at the next revision, never replaying one.
+
+    ``position`` is the revision up to which everything matching has been delivered (the last response's
+    ``revision``). While an initial snapshot is still arriving (before its BOOKMARK) there is no position
+    yet: a stream dropped then starts the snapshot again.
+    """
+
+    request: spb.WatchRequest
+    position: int = 0
+    synced: bool = False
+    resumes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.request.start_revision:
+            self.position = self.request.start_revision - 1
+        self.synced = not self.request.send_initial_state
+
+    def observe(self, response: spb.WatchResponse) -> None:
+        for event in response.events:
+            if event.type == spb.WATCH_EVENT_TYPE_BOOKMARK:
+                self.synced = True
+        if self.synced:
+            last = max((e.revision for e in response.events), default=0)
+            self.position = max(self.position, response.revision, last)
+
+    def next_request(self) -> spb.WatchRequest:
+        req = spb.WatchRequest()
+        req.CopyFrom(self.request)
+        if self.synced:
+            req.send_initial_state = False
+            if self.position or self.request.start_revision or not self.request.send_initial_state:
+                req.start_revision = self.position + 1
+        return req
+
+    def can_resume(self, exc: JobStateError) -> bool:
+        """True for a dropped connection or a lagged watcher; False for everything the caller must handle
+        (REVISION_COMPACTED means: relist)."""
+        if exc.code == grpc.StatusCode.UNAVAILABLE:
+            return True
+        if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.reason == Reason.WATCHER_LAGGED:
+            return True
+        return exc.code == grpc.StatusCode.INTERNAL and "RST_STREAM" in exc.message
+
+
+def first_watch_request(req: spb.WatchRequest, head_revision: int) -> spb.WatchRequest:
+    """A live watch (start_revision 0) resumes from the revision it started at, so the first position must be
+    known: pin it to ``head_revision + 1`` (from a read) when the caller did not give one."""
+    if req.start_revision or req.send_initial_state:
+        return req
+    pinned = spb.WatchRequest()
+    pinned.CopyFrom(req)
+    pinned.start_revision = head_revision + 1
+    return pinned
+
+
+# --- informer cache ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobCache:
+    """A local copy of the jobs, kept current by watch events.
+
+    Lists are read page by page at different revisions, so each job remembers the revision it was last seen
+    at; an event applies only if it is newer, which makes replaying changes since the first page harmless.
+    """
+
+    jobs: dict[str, pb.JobState] = field(default_factory=dict)
+    seen_at: dict[str, int] = field(default_factory=dict)
+    revision: int = 0
+
+    def load(self, jobs: Iterable[pb.JobState], revision: int) -> None:
+        for job in jobs:
+            if self.seen_at.get(job.job_id, 0) <= revision:
+                self.jobs[job.job_id] = job
+                self.seen_at[job.job_id] = revision
+
+    def apply(self, event: spb.WatchEvent) -> bool:
+        """Applies one event; returns whether it changed the cache."""
+        if event.type == spb.WATCH_EVENT_TYPE_BOOKMARK:
+            self.revision = max(self.revision, event.revision)
+            return False
+        job_id = event.job.job_id
+        if event.revision <= self.seen_at.get(job_id, 0):
+            return False
+        self.seen_at[job_id] = event.revision
+        self.revision = max(self.revision, event.revision)
+        if event.type == spb.WATCH_EVENT_TYPE_DELETED:
+            return self.jobs.pop(job_id, None) is not None
+        self.jobs[job_id] = event.job
+        return True
+
+    def clear(self) -> None:
+        self.jobs.clear()
+        self.seen_at.clear()
+        self.revision = 0
