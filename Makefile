@@ -52,5 +52,15 @@ test-fast: venv
 test-heavy: venv
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
 
+# The benchmark of issue 4: jobstate and etcd side by side (bench/). QUICK=1: small counts, under a minute.
+# Installs etcd (Debian's etcd-server) itself when it is missing. BENCH_ARGS: e.g. --uvloop, --profile.
+.PHONY: bench
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) -m bench $(if $(filter-out 0,$(QUICK)),--quick) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache build *.egg-info

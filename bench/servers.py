@@ -1,0 +1,139 @@
+"""Starting and stopping the servers under test, each as its own process on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def ensure_etcd() -> str:
+    """The etcd binary, installed from Debian's etcd-server package when it is missing."""
+    path = shutil.which("etcd")
+    if path:
+        return path
+    print("etcd not found: installing Debian's etcd-server", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=300)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "etcd-server"], check=True, env=env, timeout=600)
+    path = shutil.which("etcd")
+    if not path:
+        raise RuntimeError("etcd-server installed but no etcd binary on PATH")
+    return path
+
+
+def etcd_version() -> str:
+    out = subprocess.run([ensure_etcd(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    return out.splitlines()[0].removeprefix("etcd Version: ").strip() if out else "?"
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {HOST}:{port} after {timeout}s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+class Server:
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], target: str) -> None:
+        self.name = name
+        self.proc = proc
+        self.target = target
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid)
+
+
+@contextlib.contextmanager
+def jobstate_server(history_size: int, uvloop: bool = False) -> Iterator[Server]:
+    port = free_port()
+    args = ["--host", HOST, "--port", str(port), "--history-size", str(history_size)]
+    # The harness's own launcher installs uvloop's event loop before the server starts; otherwise the
+    # server runs exactly as a user starts it.
+    module = ["-m", "bench.uvserve"] if uvloop else ["-m", "jobstate", "serve"]
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally, after the server stops
+    proc = subprocess.Popen([sys.executable, *module, *args], cwd=REPO, stdout=log, stderr=log)
+    try:
+        _wait_port(port, proc)
+        yield Server("jobstate", proc, f"{HOST}:{port}")
+    finally:
+        _stop(proc)
+        if proc.returncode not in (0, -signal.SIGTERM):
+            log.seek(0)
+            sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+        log.close()
+
+
+@contextlib.contextmanager
+def etcd_server() -> Iterator[Server]:
+    etcd = ensure_etcd()
+    client, peer = free_port(), free_port()
+    # The data dir is in memory (tmpfs) when the machine has one: jobstate keeps everything in memory, so
+    # etcd's fsync on a disk would measure the disk, not the server.
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix="bench-etcd-", dir=base) as data:
+        log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally, after the server stops
+        proc = subprocess.Popen(
+            [
+                etcd,
+                "--name=bench",
+                f"--data-dir={data}",
+                f"--listen-client-urls=http://{HOST}:{client}",
+                f"--advertise-client-urls=http://{HOST}:{client}",
+                f"--listen-peer-urls=http://{HOST}:{peer}",
+                f"--initial-advertise-peer-urls=http://{HOST}:{peer}",
+                f"--initial-cluster=bench=http://{HOST}:{peer}",
+                "--quota-backend-bytes=8589934592",
+                "--log-level=warn",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            _wait_port(client, proc)
+            yield Server("etcd", proc, f"{HOST}:{client}")
+        finally:
+            _stop(proc)
+            log.close()
