@@ -71,6 +71,28 @@ class ResourceLimit(JobStateError):
     reason = "LIMIT_EXCEEDED"
 
 
+class RateLimited(ResourceLimit):
+    """A client wrote faster than its configured rate; ``retry_after`` seconds is when a write will pass."""
+
+    reason = "RATE_LIMITED"
+
+    def __init__(self, message: str, retry_after: float, **metadata: object) -> None:
+        super().__init__(message, retry_after_ms=max(1, round(retry_after * 1000)), **metadata)
+        self.retry_after = retry_after
+
+
+class Unauthenticated(JobStateError):
+    """The call carried no credential, or one the server does not know."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(JobStateError):
+    """The caller is known, but its role does not allow this method."""
+
+    reason = "PERMISSION_DENIED"
+
+
 class RevisionCompacted(JobStateError):
     """A watch asked for revisions no longer held: ``metadata['oldest_revision']`` is the oldest held."""
 

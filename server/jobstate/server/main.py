@@ -23,11 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # health.aio, spelled so type checkers find it
 from grpc_reflection.v1alpha import reflection
 
-from jobstate.server import rules
-from jobstate.server.hub import WatchHub
+from jobstate.server import engines, rules
 from jobstate.server.metrics import Metrics, Observers
+from jobstate.server.security import SecurityConfig, SecurityInterceptor, server_credentials
 from jobstate.server.service import SERVICE_NAME, JobStateService, Observer
-from jobstate.server.store import MemoryStore, Store
+from jobstate.server.store import Store
 
 log = logging.getLogger("jobstate.server")
 
@@ -45,8 +45,25 @@ class ServerConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     limits: rules.Limits = field(default_factory=rules.Limits)
     keepalive_seconds: float = 30.0
+    # A peer that does not answer a keepalive ping within this long is dead: its calls end, its watchers go.
+    keepalive_timeout_seconds: float = 10.0
     # Prometheus metrics over HTTP on host:metrics_port (0: a free port); None: no metrics.
     metrics_port: int | None = None
+    # The storage engine (jobstate.server.engines): memory, sqlite (in data_dir) or etcd.
+    store: str = "memory"
+    data_dir: str | None = None
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_prefix: str = "/jobstate"
+    # Transport security and callers (SECURITY.md). TLS needs cert and key; a client CA makes it mTLS.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # Plaintext on a non-loopback address is refused unless this is set.
+    insecure: bool = False
+    auth_tokens_file: str | None = None
+    write_rate_per_client: float = 0.0  # writes a second per client; 0: unlimited
+    write_burst_per_client: int = 0  # 0: one second's worth
+    max_watchers_per_client: int = 0  # 0: unlimited
 
 
 @dataclass
@@ -59,6 +76,7 @@ class App:
     store: Store
     health: HealthServicer
     metrics: Metrics | None = None
+    security: SecurityInterceptor | None = None
     _sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -75,6 +93,7 @@ class App:
         if self.metrics is not None and self.config.metrics_port is not None:
             # Bound first, so a taken metrics port fails the start before the server takes any call.
             await self.metrics.start(self.config.host, self.config.metrics_port)
+        await self.store.start()
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -82,11 +101,12 @@ class App:
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.store.close()  # watch streams end with SHUTTING_DOWN
-        if self._sweeper is not None:
+        if self._sweeper is not None:  # first, so no sweep runs into a closed store
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        # Watch streams end with SHUTTING_DOWN; a persistent engine refuses later writes the same way.
+        await self.store.close()
         await self.server.stop(self.config.grace if grace is None else grace)
         if self.metrics is not None:
             await self.metrics.stop()
@@ -117,9 +137,22 @@ def is_loopback(host: str) -> bool:
 
 
 def build_server(config: ServerConfig, store: Store | None = None, observer: Observer | None = None) -> App:
-    """A server bound to ``config.host:config.port`` (0: a free port), not yet started."""
+    """A server bound to ``config.host:config.port`` (0: a free port), not yet started.
+
+    Raises ``ValueError`` for a configuration that would be unsafe or cannot work (plaintext on a
+    non-loopback address without ``insecure``, half a TLS key pair, a client CA without TLS).
+    """
+    tls = check_transport(config)
+    security_config = SecurityConfig(
+        auth_tokens_file=config.auth_tokens_file,
+        mtls=config.tls_client_ca is not None,
+        write_rate_per_client=config.write_rate_per_client,
+        write_burst_per_client=config.write_burst_per_client,
+        max_watchers_per_client=config.max_watchers_per_client,
+    )
+    security = SecurityInterceptor(security_config) if security_config.needed else None
     if store is None:
-        store = MemoryStore(WatchHub(config.history_size, max_watchers=config.max_watchers), config.limits)
+        store = engines.open_store(config)
     metrics: Metrics | None = None
     if config.metrics_port is not None:
         metrics = Metrics(store)
@@ -131,11 +164,12 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
             ("grpc.max_receive_message_length", config.max_message_bytes),
             # Dead watchers are found by keepalive pings and released.
             ("grpc.keepalive_time_ms", keepalive_ms),
-            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_seconds * 1000)),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
+        interceptors=[security] if security is not None else None,
     )
     service = JobStateService(store, observer)
     server.add_generic_rpc_handlers((service.handler(),))
@@ -147,10 +181,26 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     )
     address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc reports a failed bind this way; say it as the OS would
         raise OSError(f"cannot listen on {address}: address in use or not available") from exc
-    return App(replace(config, port=port), server, port, store, health_servicer, metrics)
+    return App(replace(config, port=port), server, port, store, health_servicer, metrics, security)
+
+
+def check_transport(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """The TLS credentials the config asks for, after refusing what is unsafe."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key too")
+    if config.tls_cert is not None and config.tls_key is not None:
+        return server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    if not is_loopback(config.host) and not config.insecure:
+        raise ValueError(
+            f"refusing to serve plaintext on {config.host}: anyone who can reach it could read and change every "
+            "job. Give --tls-cert and --tls-key (and --auth-tokens), or --insecure to accept that"
+        )
+    return None
 
 
 class JsonFormatter(logging.Formatter):
@@ -201,6 +251,8 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
             "address": app.target,
             "history_size": config.history_size,
             "max_watchers": config.max_watchers,
+            "tls": "mtls" if config.tls_client_ca else ("on" if config.tls_cert else "off"),
+            "auth": "tokens" if config.auth_tokens_file else "off",
             **({"metrics_port": app.metrics_port} if app.metrics_port is not None else {}),
         },
     )
@@ -208,6 +260,8 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if app.security is not None and config.auth_tokens_file:
+        loop.add_signal_handler(signal.SIGHUP, app.security.reload)
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -45,6 +45,9 @@ STATUS_OF: dict[type[errors.JobStateError], grpc.StatusCode] = {
     errors.ExecutionTerminal: grpc.StatusCode.FAILED_PRECONDITION,
     errors.NodeHasActiveExecution: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.RevisionCompacted: grpc.StatusCode.OUT_OF_RANGE,
     errors.WatcherLagged: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
@@ -57,7 +60,15 @@ def to_status(exc: errors.JobStateError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=code.value[0], message=exc.message, details=[detail])
+    details = [detail]
+    if isinstance(exc, errors.RateLimited):
+        # The standard retry hint, so generic gRPC clients back off without knowing our reasons.
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(max(1_000_000, int(exc.retry_after * 1e9)))
+        hint = any_pb2.Any()
+        hint.Pack(retry)
+        details.append(hint)
+    status = status_pb2.Status(code=code.value[0], message=exc.message, details=details)
     return rpc_status.to_status(status)
 
 

@@ -1,0 +1,385 @@
+"""Who may call what: TLS credentials, bearer tokens and roles, per-client limits.
+
+- ``server_credentials`` reads the TLS files: server certificate and key, and optionally a client CA, which
+  makes client certificates required and verified (mTLS).
+- ``TokenTable`` is a parsed tokens file: ``token role [name]`` lines, and ``cert:CN role [name]`` lines that
+  give a role to a verified client certificate by its subject CN. A token is looked up by comparing its
+  SHA-256 digest with every known digest in constant time, so neither timing nor an early exit tells how
+  much of a guess was right, and the table never holds a token in the clear once parsed.
+- ``SecurityInterceptor`` checks each call to ``jobstate.v1.JobStateService`` before the servicer sees it:
+  who is calling (token or certificate), whether the role allows the method, the caller's write rate and
+  its number of open watch streams. Health and reflection pass through untouched, so probes need nothing.
+
+Tokens never reach a log line: failures log the peer and the reason, a known caller by its name.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import logging
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from jobstate.server import errors
+from jobstate.server.service import SERVICE_NAME, to_status
+
+log = logging.getLogger("jobstate.server.security")
+
+MIN_TOKEN_LENGTH = 16
+CERT_PREFIX = "cert:"
+
+
+class Role(enum.IntEnum):
+    """Each role may do everything the roles below it may."""
+
+    READER = 1
+    WRITER = 2
+    ADMIN = 3
+
+
+READ_METHODS = frozenset({"GetJob", "ListJobs", "GetJobHistory", "Watch"})
+WRITE_METHODS = frozenset({"CreateJob", "UpdateJobState", "CreateExecution", "UpdateExecution", "DeleteJob"})
+# The role each method needs; a method of the service missing here needs ADMIN (safe for RPCs added later).
+REQUIRED_ROLE: dict[str, Role] = {
+    **dict.fromkeys(READ_METHODS, Role.READER),
+    **dict.fromkeys(WRITE_METHODS, Role.WRITER),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """A caller as the server knows it: a name for logs and per-client limits, and a role."""
+
+    name: str
+    role: Role
+
+
+# --- TLS ---------------------------------------------------------------------------------------------------
+
+
+def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None = None) -> grpc.ServerCredentials:
+    """TLS credentials; with ``client_ca_file`` every client must present a certificate signed by that CA."""
+    cert = Path(cert_file).read_bytes()
+    key = Path(key_file).read_bytes()
+    ca = Path(client_ca_file).read_bytes() if client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+# --- tokens ------------------------------------------------------------------------------------------------
+
+
+def _digest(token: str | bytes) -> bytes:
+    return hashlib.sha256(token.encode() if isinstance(token, str) else token).digest()
+
+
+@dataclass
+class TokenTable:
+    """A parsed tokens file. ``lookup`` takes time independent of which token (if any) matches."""
+
+    tokens: list[tuple[bytes, Principal]] = field(default_factory=list)
+    certs: dict[str, Principal] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str, source: str = "tokens file") -> TokenTable:
+        """Parses ``token role [name]`` and ``cert:CN role [name]`` lines; ``#`` starts a comment.
+
+        Errors name the file and line, never the token.
+        """
+        table = cls()
+        seen: set[bytes] = set()
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            where = f"{source} line {number}"
+            if len(parts) not in (2, 3):
+                raise ValueError(f"{where}: expected 'token role [name]', found {len(parts)} fields")
+            secret, role_name = parts[0], parts[1]
+            try:
+                role = Role[role_name.upper()]
+            except KeyError:
+                raise ValueError(f"{where}: unknown role {role_name!r} (reader, writer or admin)") from None
+            if secret.startswith(CERT_PREFIX):
+                cn = secret[len(CERT_PREFIX) :]
+                if not cn:
+                    raise ValueError(f"{where}: 'cert:' needs the certificate's subject CN")
+                table.certs[cn] = Principal(parts[2] if len(parts) == 3 else cn, role)
+                continue
+            if len(secret) < MIN_TOKEN_LENGTH:
+                raise ValueError(f"{where}: token shorter than {MIN_TOKEN_LENGTH} characters")
+            digest = _digest(secret)
+            if digest in seen:
+                raise ValueError(f"{where}: the same token appears twice")
+            seen.add(digest)
+            # Without a name the caller is known by a short fingerprint: stable across reloads, and useless
+            # for guessing the token.
+            name = parts[2] if len(parts) == 3 else "token-" + digest.hex()[:8]
+            table.tokens.append((digest, Principal(name, role)))
+        return table
+
+    @classmethod
+    def load(cls, path: str) -> TokenTable:
+        p = Path(path)
+        mode = p.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("tokens file is readable by others; chmod 600 it", extra={"path": str(p)})
+        return cls.parse(p.read_text(), str(p))
+
+    def lookup(self, token: str | bytes) -> Principal | None:
+        presented = _digest(token)
+        found: Principal | None = None
+        for digest, principal in self.tokens:
+            # No early exit: every call compares against every token.
+            if hmac.compare_digest(digest, presented):
+                found = principal
+        return found
+
+
+# --- rate limiting -----------------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """A token bucket per client: ``rate`` writes a second on average, bursts of up to ``burst``."""
+
+    MAX_CLIENTS = 100_000
+
+    def __init__(self, rate: float, burst: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self.burst = float(burst if burst > 0 else max(1, round(rate)))
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str) -> float:
+        """Takes one write for ``key``: 0 if allowed, otherwise the seconds until one would be."""
+        now = self._clock()
+        level, last = self._buckets.get(key, (self.burst, now))
+        level = min(self.burst, level + (now - last) * self.rate)
+        if level >= 1:
+            self._buckets[key] = (level - 1, now)
+            if len(self._buckets) > self.MAX_CLIENTS:
+                self._prune(now)
+            return 0.0
+        self._buckets[key] = (level, now)
+        return (1 - level) / self.rate
+
+    def _prune(self, now: float) -> None:
+        # A bucket that has refilled is the same as no bucket: forgetting it bounds memory under many peers.
+        full = [k for k, (level, last) in self._buckets.items() if level + (now - last) * self.rate >= self.burst]
+        for k in full:
+            del self._buckets[k]
+
+
+# --- the interceptor ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    auth_tokens_file: str | None = None
+    # Without a tokens file but with mTLS, a verified certificate is enough: the CA is the trust.
+    mtls: bool = False
+    write_rate_per_client: float = 0.0  # writes a second; 0: unlimited
+    write_burst_per_client: int = 0  # 0: one second's worth
+    max_watchers_per_client: int = 0  # 0: unlimited
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.auth_tokens_file or self.write_rate_per_client or self.max_watchers_per_client)
+
+
+def peer_host(peer: str) -> str:
+    """``ipv4:127.0.0.1:5000`` → ``127.0.0.1``; ``ipv6:[::1]:5000`` → ``::1``."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1:].split("]", 1)[0]
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    return peer
+
+
+def _bearer(metadata: Sequence[Any] | None) -> str | None:
+    for item in metadata or ():
+        key, value = item[0], item[1]
+        if key == "authorization":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return ""  # present but not a bearer token: as bad as an unknown one
+    return None
+
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not subscriptable at run time
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class SecurityInterceptor(_Interceptor):
+    """Authentication, roles, write rate and per-client watch streams for ``jobstate.v1.JobStateService``."""
+
+    def __init__(self, config: SecurityConfig) -> None:
+        self.config = config
+        self.tokens: TokenTable | None = None
+        if config.auth_tokens_file:
+            self.tokens = TokenTable.load(config.auth_tokens_file)
+        self.limiter = (
+            RateLimiter(config.write_rate_per_client, config.write_burst_per_client)
+            if config.write_rate_per_client > 0
+            else None
+        )
+        self.watchers: dict[str, int] = {}
+        self.reloads = 0
+
+    # -- the tokens file -----------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Reads the tokens file again (on SIGHUP). A bad file keeps the old table; open streams go on."""
+        if not self.config.auth_tokens_file:
+            return False
+        try:
+            table = TokenTable.load(self.config.auth_tokens_file)
+        except (OSError, ValueError) as exc:
+            log.error("tokens file not reloaded, keeping the previous one", extra={"error": str(exc)})
+            return False
+        self.tokens = table
+        self.reloads += 1
+        log.info("tokens file reloaded", extra={"tokens": len(table.tokens), "certs": len(table.certs)})
+        return True
+
+    # -- checks --------------------------------------------------------------------------------------------
+
+    def authenticate(self, metadata: Sequence[Any] | None, context: Context) -> Principal:
+        cn = self._cert_cn(context)
+        table = self.tokens
+        if table is None:
+            # No tokens: everyone who got through TLS (if any) may do everything; limits key on who it is.
+            return Principal(cn or peer_host(context.peer()), Role.ADMIN)
+        token = _bearer(metadata)
+        if token is not None:
+            principal = table.lookup(token) if token else None
+            if principal is None:
+                raise errors.Unauthenticated("the bearer token is not valid")
+            return principal
+        if cn is not None:
+            principal = table.certs.get(cn)
+            if principal is not None:
+                return principal
+        raise errors.Unauthenticated("this call needs 'authorization: Bearer <token>' metadata")
+
+    def _cert_cn(self, context: Context) -> str | None:
+        if not self.config.mtls:
+            return None
+        names = context.auth_context().get("x509_common_name")
+        if not names:
+            return None
+        value = next(iter(names))
+        return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+    def authorize(self, principal: Principal, method: str) -> None:
+        need = REQUIRED_ROLE.get(method, Role.ADMIN)
+        if principal.role < need:
+            raise errors.PermissionDenied(
+                f"{principal.role.name.lower()} may not call {method}; it needs {need.name.lower()}",
+                role=principal.role.name.lower(),
+                required_role=need.name.lower(),
+            )
+
+    def admit(self, principal: Principal, method: str) -> None:
+        self.authorize(principal, method)
+        if self.limiter is not None and method in WRITE_METHODS:
+            wait = self.limiter.take(principal.name)
+            if wait > 0:
+                raise errors.RateLimited(
+                    f"{principal.name} writes faster than {self.limiter.rate:g}/s; retry in {wait * 1000:.0f}ms",
+                    retry_after=wait,
+                )
+
+    # -- wiring --------------------------------------------------------------------------------------------
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        service, _, method = details.method.lstrip("/").partition("/")
+        if handler is None or service != SERVICE_NAME:
+            return handler
+        metadata = details.invocation_metadata
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._guard_unary(handler.unary_unary, method, metadata),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._guard_stream(handler.unary_stream, method, metadata),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    async def _refuse(self, context: Context, method: str, exc: errors.JobStateError) -> None:
+        log.info(
+            "call refused",
+            extra={"method": method, "peer": context.peer(), "reason": exc.reason, "why": exc.message},
+        )
+        status = to_status(exc)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    def _guard_unary(
+        self, inner: Callable[[Any, Context], Awaitable[Any]], method: str, metadata: Sequence[Any] | None
+    ) -> Callable[[Any, Context], Awaitable[Any]]:
+        async def guarded(request: Any, context: Context) -> Any:
+            try:
+                self.admit(self.authenticate(metadata, context), method)
+            except errors.JobStateError as exc:
+                await self._refuse(context, method, exc)
+            return await inner(request, context)
+
+        return guarded
+
+    def _guard_stream(
+        self, inner: Callable[[Any, Context], AsyncIterator[Any]], method: str, metadata: Sequence[Any] | None
+    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        limit = self.config.max_watchers_per_client
+
+        async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
+            try:
+                principal = self.authenticate(metadata, context)
+                self.admit(principal, method)
+                if limit and self.watchers.get(principal.name, 0) >= limit:
+                    raise errors.ResourceLimit(
+                        f"{principal.name} already has {limit} watch streams open, its limit",
+                        limit="max_watchers_per_client",
+                    )
+            except errors.JobStateError as exc:
+                await self._refuse(context, method, exc)
+            key = principal.name
+            self.watchers[key] = self.watchers.get(key, 0) + 1
+            try:
+                async for item in inner(request, context):
+                    yield item
+            finally:
+                left = self.watchers[key] - 1
+                if left:
+                    self.watchers[key] = left
+                else:
+                    del self.watchers[key]
+
+        return guarded
