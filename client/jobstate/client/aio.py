@@ -184,6 +184,16 @@ class AsyncClient:
         r: spb.GetJobHistoryResponse = await self._call(self._stub.GetJobHistory, req, read=True)
         return r
 
+    async def iter_history(self, job_id: str, page_size: int = 0) -> AsyncIterator[pb.JobHistoryEntry]:
+        token = ""
+        while True:
+            page = await self.get_job_history(job_id, page_size, token)
+            for entry in page.entries:
+                yield entry
+            token = page.next_page_token
+            if not token:
+                return
+
     async def head_revision(self) -> int:
         return (await self.list_jobs(page_size=1)).revision
 
@@ -239,7 +249,7 @@ class AsyncWatchStream:
     async def responses(self) -> AsyncIterator[spb.WatchResponse]:
         if self.cursor is None:
             req = self._request
-            if self._resume:
+            if self._resume and not (req.start_revision or req.send_initial_state):
                 req = core.first_watch_request(req, await self._client.head_revision())
             self.cursor = WatchCursor(req)
         cursor = self.cursor
@@ -252,6 +262,13 @@ class AsyncWatchStream:
                     cursor.observe(response)
                     yield response
                 return
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError from a call cancelled locally: after close() from another task
+                # that is the end of the stream, not a cancellation of the task iterating it.
+                task = asyncio.current_task()
+                if self._closed and (task is None or task.cancelling() == 0):
+                    return
+                raise
             except grpc.RpcError as exc:
                 if self._closed or (
                     isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.CANCELLED and self._closed

@@ -5,6 +5,7 @@ cache. Everything here is free of I/O, so both clients behave the same and tests
 from __future__ import annotations
 
 import datetime as dt
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -218,7 +219,11 @@ class Backoff:
     max_attempts: int = 0  # 0: unlimited (watch resumption); reads use ``read_attempts``
 
     def delay(self, attempt: int) -> float:
-        cap = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
+        try:
+            growth = self.multiplier ** max(0, attempt - 1)
+        except OverflowError:  # ~1000 failures in a row (a long outage): far past the maximum anyway
+            growth = math.inf
+        cap = min(self.maximum, self.initial * growth)
         return random.uniform(cap / 2, cap)
 
 
@@ -247,10 +252,14 @@ class WatchCursor:
     position: int = 0
     synced: bool = False
     resumes: int = 0
+    # Whether ``position`` is known: a live watch (start_revision 0) learns it from its first response, and
+    # until then must be sent as it was asked (start_revision 1 would replay the whole history).
+    positioned: bool = False
 
     def __post_init__(self) -> None:
         if self.request.start_revision:
             self.position = self.request.start_revision - 1
+            self.positioned = True
         self.synced = not self.request.send_initial_state
 
     def observe(self, response: spb.WatchResponse) -> None:
@@ -260,14 +269,14 @@ class WatchCursor:
         if self.synced:
             last = max((e.revision for e in response.events), default=0)
             self.position = max(self.position, response.revision, last)
+            self.positioned = True
 
     def next_request(self) -> spb.WatchRequest:
         req = spb.WatchRequest()
         req.CopyFrom(self.request)
-        if self.synced:
+        if self.synced and self.positioned:
             req.send_initial_state = False
-            if self.position or self.request.start_revision or not self.request.send_initial_state:
-                req.start_revision = self.position + 1
+            req.start_revision = self.position + 1
         return req
 
     def can_resume(self, exc: JobStateError) -> bool:

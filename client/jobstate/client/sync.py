@@ -228,7 +228,7 @@ class WatchStream:
         self, client: Client, request: spb.WatchRequest, *, resume: bool = True, on_resume: OnResume | None = None
     ) -> None:
         self._client = client
-        if resume:
+        if resume and not (request.start_revision or request.send_initial_state):
             request = core.first_watch_request(request, client.head_revision())
         self.cursor = WatchCursor(request)
         self._resume = resume
