@@ -213,6 +213,30 @@ class WatchHub:
         self._head = head_revision
         self._oldest = head_revision + 1
 
+    def restore(self, head_revision: int, events: Iterable[tuple[int, int, pb.JobState, int]]) -> None:
+        """Starts the hub at ``head_revision`` holding ``events`` (revision, type, job, time_ns), read back from
+        disk by an engine reopened after a restart, so watchers resume by revision across it.
+
+        The events must be consecutive and end at ``head_revision`` (the ring's invariant); the last
+        ``history_size`` are kept. Only before the hub is in use: no watcher, nothing published.
+        """
+        if self._watchers or self.stats.published:
+            raise ValueError("restore is only for a hub not yet in use")
+        ring: list[Change | None] = [None] * self._cap
+        first = 0
+        expected = 0
+        for revision, event_type, job, time_ns in events:
+            if expected and revision != expected:
+                raise ValueError(f"revision {revision} restored after {expected - 1}: revisions must be consecutive")
+            first = first or revision
+            ring[revision % self._cap] = Change(revision, event_type, job, time_ns)
+            expected = revision + 1
+        if expected and expected != head_revision + 1:
+            raise ValueError(f"restored events end at {expected - 1}, not at the head revision {head_revision}")
+        self._ring = ring
+        self._head = head_revision
+        self._oldest = max(first, head_revision - self._cap + 1) if first else head_revision + 1
+
     def close(self) -> None:
         """Ends every watch stream with ``ShuttingDown`` and refuses new ones."""
         self._closed = True
@@ -339,6 +363,9 @@ class WatchHub:
                     async with asyncio.timeout(spec.progress_interval):
                         await wake.wait()
                 except TimeoutError:
+                    if not (w.unfiltered or w.overflow or w.pending):
+                        # Nothing was pushed while idle: every change up to the head passed this filter by.
+                        w.cursor = max(w.cursor, self._head + 1)
                     upto = min(w.cursor - 1, self._head)
                     yield encode_response((encode_event(BOOKMARK, upto, None, 0),), upto)
         finally:

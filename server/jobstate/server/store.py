@@ -122,6 +122,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> StoreStats: ...
 
+    async def start(self) -> None:  # noqa: B027 (optional hook: most engines have nothing to start)
+        """Called once before the server takes calls: an engine that connects somewhere does it here."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Ends watch streams with ``ShuttingDown``; the engine's resources are released."""
@@ -176,6 +179,22 @@ class _Clock:
 
 
 @dataclass(slots=True)
+class Mutation:
+    """One change about to be committed, handed to ``MemoryStore._persist`` before memory changes.
+
+    ``job`` is the job after the change (for ``DELETED`` its last state); ``entry`` its history entry, with the
+    revision set (None for ``DELETED``: a deletion removes the job's history).
+    """
+
+    revision: int
+    event_type: int
+    job: pb.JobState
+    time_ns: int
+    create_ns: int
+    entry: pb.JobHistoryEntry | None
+
+
+@dataclass(slots=True)
 class _Record:
     job: pb.JobState
     mod_revision: int
@@ -206,10 +225,27 @@ class MemoryStore(Store):
             raise JobNotFound(f"job {job_id!r} does not exist", job_id=job_id)
         return rec
 
+    def _persist(self, m: Mutation) -> None:
+        """Write-through hook of persistent engines, called before a change touches memory or watchers.
+
+        If it raises, the change did not happen: nothing in memory has moved and the caller gets the error.
+        The in-memory engine keeps nothing elsewhere.
+        """
+
+    def _add(self, rec: _Record) -> None:
+        """Indexes a new job (its create time is later than every other job's: the clock is monotonic)."""
+        self._jobs[rec.job.job_id] = rec
+        self._order.append((rec.create_ns, rec.job.job_id))
+        if rec.job.HasField("timeout_at"):
+            heapq.heappush(self._timeouts, (rec.job.timeout_at.ToNanoseconds(), rec.job.job_id, rec.create_ns))
+
     def _commit(self, rec: _Record, change: changes.Change, event_type: int, now_ns: int) -> WriteResult:
-        self._revision += 1
-        revision = self._revision
+        revision = self._revision + 1
         change.entry.revision = revision
+        self._persist(Mutation(revision, event_type, change.job, now_ns, rec.create_ns, change.entry))
+        self._revision = revision
+        if event_type == CREATED:
+            self._add(rec)
         rec.job = change.job
         rec.mod_revision = revision
         rec.mod_time_ns = now_ns
@@ -234,10 +270,6 @@ class MemoryStore(Store):
         now = self._clock.now()
         change = changes.new_job(job_id, now, timeout_ns, comment)
         rec = _Record(change.job, 0, now, now, [])
-        self._jobs[job_id] = rec
-        self._order.append((now, job_id))  # the clock is monotonic: appending keeps the order sorted
-        if timeout_ns:
-            heapq.heappush(self._timeouts, (now + timeout_ns, job_id, now))
         return self._commit(rec, change, CREATED, now)
 
     async def update_job_state(
@@ -288,25 +320,32 @@ class MemoryStore(Store):
         rec = self._record(job_id)
         changes.check_delete(rec.job, expected_version)
         now = self._clock.now()
+        revision = self._revision + 1
+        self._persist(Mutation(revision, DELETED, rec.job, now, rec.create_ns, None))
+        self._revision = revision
         del self._jobs[job_id]
         i = bisect.bisect_left(self._order, (rec.create_ns, job_id))
         del self._order[i]
-        self._revision += 1
-        self.hub.publish(self._revision, DELETED, rec.job, now)
-        return WriteResult(rec.job, self._revision)
+        self.hub.publish(revision, DELETED, rec.job, now)
+        return WriteResult(rec.job, revision)
 
     async def expire_due(self, now_ns: int | None = None) -> int:
         now = now_ns if now_ns is not None else time.time_ns()
         expired = 0
         while self._timeouts and self._timeouts[0][0] <= now:
-            _, job_id, create_ns = heapq.heappop(self._timeouts)
+            due = heapq.heappop(self._timeouts)
+            _, job_id, create_ns = due
             rec = self._jobs.get(job_id)
             if rec is None or rec.create_ns != create_ns:
                 continue  # deleted, or deleted and created again under the same id
             at = self._clock.now()
             change = changes.expire(rec.job, at)
             if change is not None:
-                self._commit(rec, change, UPDATED, at)
+                try:
+                    self._commit(rec, change, UPDATED, at)
+                except BaseException:
+                    heapq.heappush(self._timeouts, due)  # not committed: the next sweep tries again
+                    raise
                 expired += 1
         return expired
 
