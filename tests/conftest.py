@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
@@ -54,20 +56,45 @@ class ServerThread:
     def stop(self, grace: float = 1.0) -> None:
         if not self.loop.is_running():
             return
-        try:
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
             self.call(self.app.stop(grace))
-        except (concurrent.futures.TimeoutError, RuntimeError):
-            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 
 
+# --- storage engines -----------------------------------------------------------------------------------------
+# How a test server is configured for each engine: name -> function(request, tmp dir) -> ServerConfig fields.
+# ``conformance_engine`` (and every test using it) runs once per entry: adding an engine is one line here.
+EngineSetup = Callable[[pytest.FixtureRequest, Any], dict[str, Any]]
+ENGINES: dict[str, EngineSetup] = {
+    "memory": lambda request, tmp: {"store": "memory"},
+    "sqlite": lambda request, tmp: {"store": "sqlite", "data_dir": str(tmp)},
+}
+# JOBSTATE_TEST_ENGINE=sqlite runs every test that uses ``server``/``make_server`` on that engine.
+DEFAULT_ENGINE = os.environ.get("JOBSTATE_TEST_ENGINE", "memory")
+
+
+@pytest.fixture(params=list(ENGINES))
+def conformance_engine(request: pytest.FixtureRequest) -> str:
+    """The name of each engine in turn: tests taking it run against every engine."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make_server() -> Iterator[Callable[..., ServerThread]]:
-    """Starts servers with custom configuration: ``make_server(history_size=10)``; all stop after the test."""
+def make_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ServerThread]]:
+    """Starts servers with custom configuration: ``make_server(history_size=10)``; all stop after the test.
+
+    ``engine="sqlite"`` (or any name in ``ENGINES``) picks the storage engine, with a fresh temp dir for its
+    data; fields given explicitly (``data_dir=...``, to restart on the same data) win.
+    """
     started: list[ServerThread] = []
 
-    def make(**overrides: Any) -> ServerThread:
+    def make(engine: str | None = None, **overrides: Any) -> ServerThread:
+        name = engine or DEFAULT_ENGINE
+        if name != "memory":
+            overrides = {**ENGINES[name](request, tmp_path_factory.mktemp(f"engine-{name}")), **overrides}
         s = ServerThread(ServerConfig(**overrides))
         started.append(s)
         return s
@@ -81,3 +108,9 @@ def make_server() -> Iterator[Callable[..., ServerThread]]:
 def server(make_server: Callable[..., ServerThread]) -> ServerThread:
     """A fresh server with default configuration."""
     return make_server()
+
+
+@pytest.fixture
+def conformance_server(make_server: Callable[..., ServerThread], conformance_engine: str) -> ServerThread:
+    """A fresh server with default configuration, on each engine in turn."""
+    return make_server(engine=conformance_engine)
