@@ -1,26 +1,721 @@
-"""The ``jobstate`` command."""
+"""The ``jobstate`` command: run the server, call every RPC, watch jobs live, drive a demo workload.
+
+Exit codes: 0 success; 1 the call failed (stderr: ``error: CODE (REASON): message``); 2 bad usage.
+``--output json`` prints protobuf's JSON mapping of the response (enum names, lowerCamelCase fields, int64
+as strings), one object; ``watch`` prints one such object per event, a line each, so it composes with jq.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import re
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TextIO, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from jobstate.client import core, view
+from jobstate.client.aio import AsyncClient
+from jobstate.client.errors import JobStateError
+from jobstate.client.sync import Client
+from jobstate.v1 import job_state_pb2 as pb
+from jobstate.v1 import job_state_service_pb2 as spb
+
+T = TypeVar("T")
+
+EXIT_OK, EXIT_API_ERROR, EXIT_USAGE = 0, 1, 2
+TARGET_ENV = "JOBSTATE_TARGET"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jobstate")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--history-size", type=int, default=100_000)
-    args = parser.parse_args(argv)
-    if args.command == "serve":
-        from jobstate.server.main import ServerConfig, run, setup_logging
+def duration(text: str) -> float:
+    """Seconds from ``30s``, ``5m``, ``1h``, ``250ms`` or a plain number of seconds (``1.5``)."""
+    m = _DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 30s, 5m, 1h, 1.5)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
 
-        setup_logging()
-        return run(ServerConfig(host=args.host, port=args.port, history_size=args.history_size))
-    return 2
+
+def rate(text: str) -> float:
+    """Per second from ``5``, ``5/s`` or ``300/m``."""
+    value, _, unit = text.partition("/")
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r} (examples: 5, 5/s, 300/m)") from None
+    per = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip())
+    if per is None or n <= 0:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r} (examples: 5, 5/s, 300/m)")
+    return n / per
+
+
+def job_state_arg(text: str) -> int:
+    try:
+        return core.job_state(text)
+    except ValueError:
+        names = ", ".join(core.short_job_state(v) for v in pb.JobStateType.values() if v)
+        raise argparse.ArgumentTypeError(f"unknown job state {text!r} (one of {names})") from None
+
+
+def execution_state_arg(text: str) -> int:
+    try:
+        return core.execution_state(text)
+    except ValueError:
+        names = ", ".join(core.short_execution_state(v) for v in pb.ExecutionStateType.values() if v)
+        raise argparse.ArgumentTypeError(f"unknown execution state {text!r} (one of {names})") from None
+
+
+def desired_state_arg(text: str) -> int:
+    name = text.strip().upper().replace("-", "_")
+    if not name.startswith("EXECUTION_DESIRED_STATE_"):
+        name = "EXECUTION_DESIRED_STATE_" + name
+    try:
+        return pb.ExecutionDesiredState.Value(name)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown desired state {text!r} (PENDING, RUNNING, STOPPED)") from None
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return n
+
+
+# --- output ------------------------------------------------------------------------------------------------
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message)
+
+
+def print_json(message: Message, out: TextIO) -> None:
+    out.write(json.dumps(to_dict(message), indent=2) + "\n")
+
+
+def when(ts: object, now: float | None = None) -> str:
+    """A timestamp as local time, with how long ago (or how far ahead) it is."""
+    seconds = view.seconds_of(ts)
+    if not seconds:
+        return "-"
+    now = time.time() if now is None else now
+    local = dt.datetime.fromtimestamp(seconds, dt.UTC).astimezone()
+    delta = now - seconds
+    rel = f"{view.ago(delta)} ago" if delta >= 0 else f"in {view.ago(-delta)}"
+    return f"{local.isoformat(timespec='milliseconds')} ({rel})"
+
+
+def execution_line(e: pb.ExecutionState) -> str:
+    parts = [
+        e.compute_reference,
+        f"node={e.node_id}",
+        core.short_execution_state(e.state),
+        f"v{e.version}",
+    ]
+    if e.desired_state:
+        parts.append(
+            "desired=" + pb.ExecutionDesiredState.Name(e.desired_state).removeprefix("EXECUTION_DESIRED_STATE_")
+        )
+    if e.HasField("run_output"):
+        parts.append(f"exit={e.run_output.exit_code}")
+    if e.status:
+        parts.append(json.dumps(e.status))
+    return "  ".join(parts)
+
+
+def job_block(job: pb.JobState, revision: int | None = None) -> str:
+    lines = [
+        f"job        {job.job_id}",
+        f"state      {core.short_job_state(job.state)}",
+        f"version    {job.version}",
+        f"created    {when(job.create_time)}",
+        f"updated    {when(job.update_time)}",
+    ]
+    if job.HasField("timeout_at"):
+        lines.append(f"timeout at {when(job.timeout_at)}")
+    if revision is not None:
+        lines.append(f"revision   {revision}")
+    lines.append(f"executions {len(job.executions)}")
+    lines += ["  " + execution_line(e) for e in job.executions]
+    return "\n".join(lines)
+
+
+def executions_summary(job: pb.JobState) -> str:
+    return " ".join(text for text, _ in view.execution_counts(job)) or "-"
+
+
+def table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def history_change(entry: pb.JobHistoryEntry) -> str:
+    def exec_change(c: pb.ExecutionStateChange) -> str:
+        before = core.short_execution_state(c.previous_state) if c.previous_state else "created"
+        return f"execution {c.compute_reference} on {c.node_id}: {before} -> {core.short_execution_state(c.new_state)}"
+
+    kind = entry.WhichOneof("change")
+    if kind == "job_state":
+        c = entry.job_state
+        before = core.short_job_state(c.previous_state) if c.previous_state else "created"
+        text = f"job: {before} -> {core.short_job_state(c.new_state)}"
+    elif kind == "execution_state":
+        text = exec_change(entry.execution_state)
+    else:
+        text = "?"
+    if entry.cancelled_executions:
+        text += f" (+{len(entry.cancelled_executions)} execution(s) cancelled)"
+    return text
+
+
+def event_line(event: spb.WatchEvent) -> str:
+    kind = spb.WatchEventType.Name(event.type).removeprefix("WATCH_EVENT_TYPE_")
+    if event.type == spb.WATCH_EVENT_TYPE_BOOKMARK:
+        return f"{event.revision:>8}  {kind}"
+    job = event.job
+    return (
+        f"{event.revision:>8}  {kind:<8} {job.job_id}  {core.short_job_state(job.state)}  v{job.version}"
+        f"  executions: {executions_summary(job)}"
+    )
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.json = args.output == "json"
+
+    def client(self) -> Client:
+        return Client(self.args.target, timeout=self.args.timeout)
+
+    def aclient(self) -> AsyncClient:
+        return AsyncClient(self.args.target, timeout=self.args.timeout)
+
+    def emit(self, message: Message, text: Callable[[], str]) -> int:
+        if self.json:
+            print_json(message, self.out)
+        else:
+            self.out.write(text() + "\n")
+        return EXIT_OK
+
+
+def cmd_serve(ctx: Context) -> int:
+    from jobstate.server.main import ServerConfig, run, setup_logging
+
+    a = ctx.args
+    setup_logging(a.log_level, a.log_format)
+    config = ServerConfig(
+        host=a.host,
+        port=a.port,
+        history_size=a.history_size,
+        max_watchers=a.max_watchers,
+        grace=a.grace,
+        metrics_port=a.metrics_port,
+    )
+    try:
+        return run(config)
+    except OSError as exc:
+        ctx.err.write(f"error: {exc}\n")
+        return EXIT_API_ERROR
+
+
+def cmd_create(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.client() as c:
+        r = c.create_job(a.job_id or "", timeout=a.job_timeout, comment=a.comment)
+
+    def text() -> str:
+        line = f"created job {r.job.job_id} ({core.short_job_state(r.job.state)}, version {r.job.version}"
+        line += f", revision {r.revision})"
+        if r.job.HasField("timeout_at"):
+            line += f"\ntimes out at {when(r.job.timeout_at)}"
+        return line
+
+    return ctx.emit(r, text)
+
+
+def cmd_get(ctx: Context) -> int:
+    with ctx.client() as c:
+        r = c.get_job(ctx.args.job_id)
+    return ctx.emit(r, lambda: job_block(r.job, r.revision))
+
+
+def cmd_list(ctx: Context) -> int:
+    a = ctx.args
+    states = a.state or []
+    with ctx.client() as c:
+        r = c.list_jobs(states, a.node or "", a.page_size, a.page_token or "")
+        if a.all:
+            # One answer made of every page; its revision is the first page's, from which a watch misses nothing.
+            while r.next_page_token:
+                page = c.list_jobs(states, a.node or "", a.page_size, r.next_page_token)
+                r.jobs.extend(page.jobs)
+                r.next_page_token = page.next_page_token
+
+    def text() -> str:
+        lines: list[str] = []
+        if r.jobs:
+            rows = [["JOB ID", "STATE", "VERSION", "EXECUTIONS", "CREATED"]]
+            now = time.time()
+            for job in r.jobs:
+                rows.append(
+                    [
+                        job.job_id,
+                        core.short_job_state(job.state),
+                        str(job.version),
+                        executions_summary(job),
+                        view.ago(now - view.seconds_of(job.create_time)) + " ago",
+                    ]
+                )
+            lines += table(rows)
+        lines.append(f"{len(r.jobs)} job{'s' if len(r.jobs) != 1 else ''} at revision {r.revision}")
+        if r.next_page_token:
+            lines.append(f"more: --page-token {r.next_page_token} (or --all)")
+        return "\n".join(lines)
+
+    return ctx.emit(r, text)
+
+
+def cmd_set_state(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.client() as c:
+        r = c.update_job_state(
+            a.job_id,
+            a.new_state,
+            expected_version=a.expect_version,
+            expected_state=a.expect_state,
+            unexpected_states=a.unexpected_state or (),
+            comment=a.comment,
+        )
+
+    def text() -> str:
+        job = r.job
+        line = f"job {job.job_id}: {core.short_job_state(job.state)}, version {job.version} (revision {r.revision})"
+        cancelled = [e for e in job.executions if e.state == pb.EXECUTION_STATE_TYPE_CANCELLED]
+        if cancelled and job.state in (
+            pb.JOB_STATE_TYPE_COMPLETED,
+            pb.JOB_STATE_TYPE_ERROR,
+            pb.JOB_STATE_TYPE_CANCELLED,
+        ):
+            line += f"\n{len(cancelled)} execution(s) cancelled"
+        return line
+
+    return ctx.emit(r, text)
+
+
+def cmd_exec_create(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.client() as c:
+        r = c.create_execution(
+            a.job_id,
+            a.node_id,
+            compute_reference=a.ref or "",
+            state=a.state,
+            desired_state=a.desired_state or 0,
+            status=a.status or "",
+            comment=a.comment,
+        )
+    return ctx.emit(
+        r,
+        lambda: (
+            f"created execution {execution_line(r.execution)}\n"
+            f"job {r.job.job_id}: version {r.job.version} (revision {r.revision})"
+        ),
+    )
+
+
+def cmd_exec_update(ctx: Context) -> int:
+    a = ctx.args
+    e = pb.ExecutionState()
+    paths: list[str] = []
+    if a.state is not None:
+        e.state = a.state
+        paths.append("state")
+    if a.status is not None:
+        e.status = a.status
+        paths.append("status")
+    if a.desired_state is not None:
+        e.desired_state = a.desired_state
+        paths.append("desired_state")
+    for flag, path in (("exit_code", "exit_code"), ("stdout", "stdout"), ("stderr", "stderr")):
+        value = getattr(a, flag)
+        if value is not None:
+            setattr(e.run_output, path, value)
+            paths.append(f"run_output.{path}")
+    if a.mask is not None:
+        paths = [p.strip() for p in a.mask.split(",") if p.strip()]
+    if not paths:
+        ctx.err.write("jobstate exec update: error: nothing to change (give --state, --status, ... or --mask)\n")
+        return EXIT_USAGE
+    with ctx.client() as c:
+        r = c.update_execution(
+            a.job_id,
+            a.ref,
+            e,
+            update_mask=paths,
+            expected_version=a.expect_version,
+            expected_states=[s for group in a.expect_state or () for s in group],
+            unexpected_states=[s for group in a.unexpected_state or () for s in group],
+            comment=a.comment,
+        )
+    return ctx.emit(
+        r,
+        lambda: (
+            f"updated execution {execution_line(r.execution)}\n"
+            f"job {r.job.job_id}: {core.short_job_state(r.job.state)}, version {r.job.version} (revision {r.revision})"
+        ),
+    )
+
+
+def cmd_history(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.client() as c:
+        r = c.get_job_history(a.job_id, a.page_size)
+        while r.next_page_token:
+            page = c.get_job_history(a.job_id, a.page_size, r.next_page_token)
+            r.entries.extend(page.entries)
+            r.next_page_token = page.next_page_token
+
+    def text() -> str:
+        rows = [["REVISION", "VERSION", "TIME", "CHANGE", "COMMENT"]]
+        for entry in r.entries:
+            t = dt.datetime.fromtimestamp(view.seconds_of(entry.time), dt.UTC).astimezone()
+            rows.append(
+                [
+                    str(entry.revision),
+                    str(entry.version),
+                    t.strftime("%H:%M:%S.%f")[:-3],
+                    history_change(entry),
+                    json.dumps(entry.comment) if entry.comment else "",
+                ]
+            )
+        return "\n".join(table(rows))
+
+    return ctx.emit(r, text)
+
+
+def cmd_delete(ctx: Context) -> int:
+    a = ctx.args
+    with ctx.client() as c:
+        r = c.delete_job(a.job_id, expected_version=a.expect_version)
+    return ctx.emit(r, lambda: f"deleted job {a.job_id} (revision {r.revision})")
+
+
+def cmd_watch(ctx: Context) -> int:
+    a = ctx.args
+    mode = a.output or ("live" if ctx.out.isatty() else "json")
+    if mode == "text" and ctx.out.isatty():
+        mode = "live"
+    if mode == "live":
+        return run_async(lambda: _live(ctx))
+    return run_async(lambda: _stream(ctx, as_json=mode == "json"))
+
+
+async def _live(ctx: Context) -> int:
+    a = ctx.args
+    async with ctx.aclient() as client:
+        await view.run_live_view(
+            client, ctx.out, job_ids=a.job_ids, node_id=a.node or "", start_revision=a.from_revision or 0
+        )
+    return EXIT_OK
+
+
+async def _stream(ctx: Context, as_json: bool) -> int:
+    a = ctx.args
+
+    def on_resume(err: JobStateError, attempt: int, delay: float) -> None:
+        ctx.err.write(
+            f"watch: stream ended ({err}); resuming at revision {stream.position + 1} in {delay:.2f}s"
+            f" (attempt {attempt})\n"
+        )
+        ctx.err.flush()
+
+    async with ctx.aclient() as client:
+        stream = client.watch(
+            a.job_ids,
+            node_id=a.node or "",
+            start_revision=a.from_revision or 0,
+            send_initial_state=a.initial,
+            on_resume=on_resume,
+        )
+        try:
+            async for event in stream:
+                line = json.dumps(to_dict(event), separators=(",", ":")) if as_json else event_line(event)
+                ctx.out.write(line + "\n")
+                ctx.out.flush()
+        finally:
+            stream.close()
+    return EXIT_OK
+
+
+def cmd_demo(ctx: Context) -> int:
+    from jobstate.client.demo import DemoConfig, run_demo
+
+    a = ctx.args
+    config = DemoConfig(
+        rate=a.rate,
+        jobs=a.jobs,
+        nodes=a.nodes,
+        duration=a.duration,
+        speed=a.speed,
+        fail_rate=a.fail_rate,
+        timeout_rate=a.timeout_rate,
+        seed=a.seed,
+    )
+
+    async def go() -> int:
+        async with ctx.aclient() as client:
+            await run_demo(client, config, ctx.err)
+        return EXIT_OK
+
+    return run_async(go)
+
+
+def run_async(factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Runs a command on an event loop; Ctrl-C is a normal way to stop a long-running command (exit 0)."""
+    try:
+        return asyncio.run(factory())
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+# --- parser ------------------------------------------------------------------------------------------------
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options accepted both before and after the subcommand (``jobstate get J --output json``)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--target",
+        default=argparse.SUPPRESS,
+        help=f"server address host:port (default: ${TARGET_ENV} or {core.DEFAULT_TARGET})",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "json"],
+        default=argparse.SUPPRESS,
+        help="text for people, json (protobuf's JSON mapping) for programs (default: text; "
+        "watch: a live view in a terminal, json when piped)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="jobstate",
+        description="Keep the state of cluster jobs and follow every change: the server, and a client for it.",
+        epilog="Exit status: 0 ok, 1 the call failed (code and reason on stderr), 2 bad usage.\n"
+        "Try: jobstate serve & jobstate watch & jobstate demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    parser.add_argument(
+        "--timeout",
+        type=duration,
+        default=10.0,
+        help="deadline of each call, e.g. 10s (default: 10s)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=description or help_text,
+            parents=[common],
+            formatter_class=_Formatter,
+        )
+
+    p = add("serve", "run the server (in-memory store)", "Run the jobstate server until SIGTERM or Ctrl-C.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=50051, help="port to listen on (0: a free one)")
+    p.add_argument("--history-size", type=non_negative_int, default=100_000, help="changes kept for watchers")
+    p.add_argument("--max-watchers", type=non_negative_int, default=10_000, help="concurrent watch streams")
+    p.add_argument("--grace", type=duration, default=5.0, help="seconds in-flight calls get at shutdown")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("--metrics-port", type=non_negative_int, default=None, help="serve Prometheus metrics on this port")
+    p.set_defaults(func=cmd_serve)
+
+    p = add("create", "create a job", "Create a job in state NEW (version 1).")
+    p.add_argument("job_id", nargs="?", metavar="JOB_ID", help="the job's id (default: the server makes a UUID)")
+    p.add_argument(
+        "--timeout",
+        dest="job_timeout",
+        type=duration,
+        default=None,
+        help="the job moves to ERROR if not finished within this, e.g. 30s (the call's deadline is the global "
+        "--timeout, given before the subcommand)",
+    )
+    p.add_argument("--comment", default="", help="recorded in the job's history")
+    p.set_defaults(func=cmd_create)
+
+    p = add("get", "show one job", "Show a job and its executions.")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.set_defaults(func=cmd_get)
+
+    p = add("list", "list jobs", "List jobs, oldest first (by create time, then id), one page or --all.")
+    p.add_argument("--state", type=job_state_arg, action="append", help="only jobs in this state (repeatable)")
+    p.add_argument("--node", help="only jobs with an execution on this node")
+    p.add_argument("--page-size", type=non_negative_int, default=0, help="jobs per page (0: the server's default)")
+    p.add_argument("--page-token", help="the next page's token from a previous list")
+    p.add_argument("--all", action="store_true", help="every page")
+    p.set_defaults(func=cmd_list)
+
+    p = add(
+        "set-state",
+        "change a job's state",
+        "Change a job's state, optionally only if it is at a version or in a state (compare-and-set).",
+    )
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("new_state", metavar="STATE", type=job_state_arg, help="e.g. queued, in_progress, completed")
+    p.add_argument("--expect-version", type=non_negative_int, default=0, help="fail unless the job is at it")
+    p.add_argument("--expect-state", type=job_state_arg, default=None, help="fail unless the job is in it")
+    p.add_argument("--unexpected-state", type=job_state_arg, action="append", help="fail if the job is in it")
+    p.add_argument("--comment", default="", help="recorded in the job's history")
+    p.set_defaults(func=cmd_set_state)
+
+    p = add("exec", "create or update an execution", "Executions: one run of a job on one node.")
+    exec_sub = p.add_subparsers(dest="exec_command", metavar="ACTION", required=True)
+
+    def add_exec(name: str, help_text: str) -> argparse.ArgumentParser:
+        return exec_sub.add_parser(
+            name, help=help_text, description=help_text, parents=[common], formatter_class=_Formatter
+        )
+
+    q = add_exec("create", "add an execution to a job")
+    q.add_argument("job_id", metavar="JOB_ID")
+    q.add_argument("node_id", metavar="NODE_ID")
+    q.add_argument("--ref", help="the execution's id (compute_reference; default: the server makes one)")
+    q.add_argument("--state", type=execution_state_arg, default=None, help="initial state (default NEW)")
+    q.add_argument("--desired-state", type=desired_state_arg, default=None, help="PENDING, RUNNING or STOPPED")
+    q.add_argument("--status", default=None, help="free text")
+    q.add_argument("--comment", default="", help="recorded in the job's history")
+    q.set_defaults(func=cmd_exec_create)
+
+    q = add_exec("update", "change an execution (only the fields given, or the --mask)")
+    q.add_argument("job_id", metavar="JOB_ID")
+    q.add_argument("ref", metavar="REF", help="the execution's compute_reference")
+    q.add_argument("--state", type=execution_state_arg, default=None, help="e.g. bid_accepted, completed, failed")
+    q.add_argument("--status", default=None, help="free text")
+    q.add_argument("--desired-state", type=desired_state_arg, default=None, help="PENDING, RUNNING or STOPPED")
+    q.add_argument("--exit-code", type=int, default=None, help="run_output.exit_code")
+    q.add_argument("--stdout", default=None, help="run_output.stdout")
+    q.add_argument("--stderr", default=None, help="run_output.stderr")
+    q.add_argument(
+        "--mask",
+        default=None,
+        help="comma-separated field paths to change (a path named but not given is cleared), e.g. status,run_output",
+    )
+    q.add_argument("--expect-version", type=non_negative_int, default=0, help="the execution's own version")
+    q.add_argument(
+        "--expect-state",
+        type=lambda s: [execution_state_arg(x) for x in s.split(",") if x.strip()],
+        action="append",
+        metavar="S[,S...]",
+        help="fail unless the execution is in one of these (repeatable)",
+    )
+    q.add_argument(
+        "--unexpected-state",
+        type=lambda s: [execution_state_arg(x) for x in s.split(",") if x.strip()],
+        action="append",
+        metavar="S[,S...]",
+        help="fail if the execution is in one of these",
+    )
+    q.add_argument("--comment", default="", help="recorded in the job's history")
+    q.set_defaults(func=cmd_exec_update)
+
+    p = add("history", "show every change of a job", "Every change of a job, oldest first.")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--page-size", type=non_negative_int, default=0, help="entries fetched per call")
+    p.set_defaults(func=cmd_history)
+
+    p = add("delete", "delete a job and its history")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--expect-version", type=non_negative_int, default=0, help="fail unless the job is at it")
+    p.set_defaults(func=cmd_delete)
+
+    p = add(
+        "watch",
+        "follow jobs live",
+        "Follow jobs as they change. In a terminal: a live table, one row per job, redrawn in place.\n"
+        "Piped, or with --output json: one JSON object per event (protobuf's JSON mapping), a line each.\n"
+        "A dropped connection is resumed where it left off, and says so. Ctrl-C stops it.",
+    )
+    p.add_argument("job_ids", nargs="*", metavar="JOB_ID", help="only these jobs (default: all)")
+    p.add_argument("--node", help="only jobs with an execution on this node")
+    p.add_argument("--from-revision", type=non_negative_int, default=0, help="replay changes from this revision")
+    p.add_argument("--initial", action="store_true", help="start with every matching job (INITIAL events)")
+    p.set_defaults(func=cmd_watch)
+
+    p = add(
+        "demo",
+        "drive a realistic workload",
+        "Create jobs at a steady rate and schedule them like a requester would: queue, ask nodes to bid, run,\n"
+        "fail and retry on another node, time out, complete. Every write is a compare-and-set.",
+    )
+    p.add_argument("--rate", type=rate, default=4.0, help="jobs created per second, e.g. 4 or 4/s or 120/m")
+    p.add_argument("--jobs", type=non_negative_int, default=0, help="stop after creating this many (0: no limit)")
+    p.add_argument("--nodes", type=int, default=5, help="compute nodes bidding")
+    p.add_argument("--duration", type=duration, default=None, help="stop after this long (default: Ctrl-C)")
+    p.add_argument("--speed", type=float, default=1.0, help="time runs this many times faster")
+    p.add_argument("--fail-rate", type=float, default=0.25, help="share of runs that fail (then retry)")
+    p.add_argument("--timeout-rate", type=float, default=0.1, help="share of jobs stuck until they time out")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's way of saying usage error (2) or --help (0)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if not hasattr(args, "target"):
+        args.target = os.environ.get(TARGET_ENV) or core.DEFAULT_TARGET
+    if not hasattr(args, "output"):
+        args.output = None if args.command == "watch" else "text"
+    ctx = Context(args, out, err)
+    func: Callable[[Context], int] = args.func
+    try:
+        return func(ctx)
+    except JobStateError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_API_ERROR
+    except BrokenPipeError:
+        # The reader went away (``jobstate watch | head -1``): not an error. Stop Python from complaining
+        # again when it flushes stdout on exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 if __name__ == "__main__":
