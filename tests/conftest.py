@@ -17,6 +17,8 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 import pytest
+from etcd.etcd_server import engine_config as etcd_engine_config
+from etcd.etcd_server import etcd_server, make_etcd  # noqa: F401  (fixtures for every test)
 
 from jobstate.server.main import App, ServerConfig, build_server
 
@@ -69,6 +71,7 @@ EngineSetup = Callable[[pytest.FixtureRequest, Any], dict[str, Any]]
 ENGINES: dict[str, EngineSetup] = {
     "memory": lambda request, tmp: {"store": "memory"},
     "sqlite": lambda request, tmp: {"store": "sqlite", "data_dir": str(tmp)},
+    "etcd": lambda request, tmp: etcd_engine_config(request),
 }
 # JOBSTATE_TEST_ENGINE=sqlite runs every test that uses ``server``/``make_server`` on that engine.
 DEFAULT_ENGINE = os.environ.get("JOBSTATE_TEST_ENGINE", "memory")

@@ -107,3 +107,12 @@ class WatcherLagged(JobStateError):
 
 class ShuttingDown(JobStateError):
     reason = "SHUTTING_DOWN"
+
+
+class StoreUnavailable(JobStateError):
+    """The storage engine cannot be reached (etcd down or without quorum); the call may be retried.
+
+    As with etcd's own clients, a write that fails this way may or may not have been committed.
+    """
+
+    reason = "STORE_UNAVAILABLE"

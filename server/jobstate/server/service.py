@@ -51,6 +51,7 @@ STATUS_OF: dict[type[errors.JobStateError], grpc.StatusCode] = {
     errors.RevisionCompacted: grpc.StatusCode.OUT_OF_RANGE,
     errors.WatcherLagged: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
