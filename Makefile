@@ -9,7 +9,7 @@ PORT ?= 50051
 PROTOS := $(wildcard protos/jobstate/v1/*.proto)
 export PYTHONPATH := $(CURDIR)/server:$(CURDIR)/client:$(CURDIR)/gen
 
-.PHONY: help venv proto proto-check lint test test-fast test-heavy run node-deps clean
+.PHONY: help venv proto proto-check lint test test-fast test-heavy run node-deps etcd-deps clean
 
 help:
 	@echo "make run    start the server on $(HOST):$(PORT) (HOST=, PORT= override)"
@@ -43,13 +43,17 @@ lint: venv node-deps
 	$(BIN)/mypy -p jobstate.server -p jobstate.client
 	npx --no-install buf lint
 
-test: lint
+# The etcd engine's tests start real etcd servers: Debian's etcd-server (etcd 3.4), installed when missing.
+etcd-deps:
+	command -v etcd >/dev/null || test -x /usr/bin/etcd || (apt-get -o DPkg::Lock::Timeout=300 update && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y etcd-server)
+
+test: lint etcd-deps
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-fast: venv
+test-fast: venv etcd-deps
 	$(BIN)/pytest -q -x -m "not slow" $(PYTEST_ARGS)
 
-test-heavy: venv
+test-heavy: venv etcd-deps
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
 
 # The benchmark of issue 4: jobstate and etcd side by side (bench/). QUICK=1: small counts, under a minute.
