@@ -167,6 +167,11 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
             ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_seconds * 1000)),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # grpcio 1.85 waits for a ping's ack for ping_timeout_ms, not keepalive_timeout_ms: without this a
+            # peer that vanished (no FIN, no RST) kept its watchers long past the keepalive timeout.
+            ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_seconds * 1000)),
+            # Keep pinging an idle watch stream: a dead watcher sends no data, which is the case to catch.
+            ("grpc.http2.max_pings_without_data", 0),
             ("grpc.so_reuseport", 0),
         ],
         interceptors=[security] if security is not None else None,
