@@ -799,6 +799,13 @@ class EtcdStore(Store):
                     if self._closed:
                         failure = ShuttingDown("the server is shutting down")
                         break
+                    if item.compact_revision and w.delivered < start:
+                        # etcd accepts a watch below its compaction and then cancels it: nothing was sent yet.
+                        failure = RevisionCompacted(
+                            f"revision {start} is no longer held; the oldest held is {item.compact_revision}",
+                            oldest_revision=item.compact_revision,
+                        )
+                        break
                     if item.compact_revision:
                         failure = WatcherLagged(
                             f"watcher fell behind etcd's compaction at {item.compact_revision}; resume from it "
