@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import multiprocessing as mp
@@ -43,10 +44,11 @@ class Sizes:
     idle_watchers: int
     behind: int  # catch-up distance in revisions
     populate_lanes: int = 64
+    drain: float = 30.0  # at most this long waiting for watchers to receive what was written
 
 
-FULL = Sizes(4.0, 32, (1, 10, 100, 1000), (1000.0, 0.0), ("all", "single"), 16, 100_000, 1000, 100_000)
-QUICK = Sizes(1.0, 32, (100,), (1000.0, 0.0), ("all", "single"), 16, 2_000, 200, 5_000, 32)
+FULL = Sizes(2.0, 32, (1, 10, 100, 1000), (1000.0, 0.0), ("all", "single"), 16, 100_000, 1000, 100_000, 64, 20.0)
+QUICK = Sizes(0.5, 32, (100,), (1000.0, 0.0), ("all", "single"), 16, 2_000, 200, 5_000, 32, 8.0)
 
 
 def new_sync(procs: int) -> Sync:
@@ -104,6 +106,12 @@ class Procs:
         self.running.clear()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_until(pred: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -144,7 +152,9 @@ class Profiler(AbstractContextManager["Profiler"]):
 # --- scenarios -----------------------------------------------------------------------------------------------
 
 
-def run_cas(system: str, target: str, sz: Sizes, shared: bool, uv: bool, pid: int | None, tag: str) -> dict[str, Any]:
+def run_cas(
+    system: str, target: str, sz: Sizes, shared: bool, uv: bool, server_pid: int, profile: bool, tag: str
+) -> dict[str, Any]:
     run = f"cas-{'shared' if shared else 'distinct'}-{time.monotonic_ns()}"
     per_proc = sz.cas_writers // 2
     jobs = [f"{run}-0"] * sz.cas_writers if shared else [f"{run}-{i}" for i in range(sz.cas_writers)]
@@ -162,9 +172,11 @@ def run_cas(system: str, target: str, sz: Sizes, shared: bool, uv: bool, pid: in
         for i in range(2):
             procs.spawn("cas", {"jobs": jobs[i * per_proc : (i + 1) * per_proc], "duration": sz.duration}, i)
         time.sleep(0.5)  # let every process connect and read its tokens before the clock starts
-        with Profiler(pid, sz.duration, RESULTS / f"profile-{tag}.txt") if pid else _null():
+        cpu0 = cpu_seconds(server_pid)
+        with Profiler(server_pid, sz.duration, RESULTS / f"profile-{tag}.txt") if profile else _null():
             sync.go.set()
             rs = procs.results()
+        cpu = cpu_seconds(server_pid) - cpu0
     finally:
         procs.kill()
     hist = Hist()
@@ -179,6 +191,7 @@ def run_cas(system: str, target: str, sz: Sizes, shared: bool, uv: bool, pid: in
         "p99": hist.percentile_ms(99),
         "conflict_rate": conflicts / max(1, ok + conflicts),
         "writes": ok,
+        "server_cpu_us_per_write": cpu * 1e6 / max(1, ok + conflicts),
     }
 
 
@@ -195,7 +208,8 @@ def run_fanout(
     mode: str,
     rate: float,
     uv: bool,
-    pid: int | None = None,
+    server_pid: int,
+    profile: bool = False,
     tag: str = "",
 ) -> dict[str, Any]:
     single = mode == "single"
@@ -216,7 +230,8 @@ def run_fanout(
         )
         writer_proc, writer_conn = procs.running[-1]
         wait_until(lambda: sync.t_start.value != 0 or not writer_proc.is_alive(), 180, "fan-out warm-up")
-        with Profiler(pid, sz.duration, RESULTS / f"profile-{tag}.txt") if pid else _null():
+        cpu0 = cpu_seconds(server_pid)
+        with Profiler(server_pid, sz.duration, RESULTS / f"profile-{tag}.txt") if profile else _null():
             if not writer_conn.poll(sz.duration + 60):
                 raise TimeoutError("fan-out writer gave no result")
         w = writer_conn.recv()
@@ -229,8 +244,8 @@ def run_fanout(
             # Full-speed lanes visit jobs unevenly; every watched job's share is about watchers/pool.
             watched_writes = round(writes * watchers / pool)
         expected = watched_writes * (watchers if not single else 1)
-        # Drain: until every expected event arrived, or nothing more arrives for 3 s (bounded at 60 s).
-        last, last_change, deadline = -1, time.monotonic(), time.monotonic() + 60
+        # Drain: until every expected event arrived, or nothing more arrives for 3 s (bounded by sz.drain).
+        last, last_change, deadline = -1, time.monotonic(), time.monotonic() + sz.drain
         while time.monotonic() < deadline:
             got = sum(sync.received[:])
             if got >= expected:
@@ -240,6 +255,7 @@ def run_fanout(
             elif time.monotonic() - last_change > 3:
                 break
             time.sleep(0.05)
+        cpu = cpu_seconds(server_pid) - cpu0
         sync.stop.set()
         rs = procs.results()
     finally:
@@ -257,6 +273,8 @@ def run_fanout(
         "p99": hist.percentile_ms(99),
         "writes_per_s": writes / w["elapsed"],
         "received": received,
+        "events_per_response": received / max(1, sum(r["responses"] for r in rs)),
+        "server_cpu_us_per_event": cpu * 1e6 / max(1, received),
         "expected": expected,
         "errors": errors,
     }
@@ -332,7 +350,9 @@ def run_system(system: str, sz: Sizes, args: argparse.Namespace) -> dict[str, An
     profile = args.profile and system == "jobstate"
 
     def server() -> AbstractContextManager[servers.Server]:
-        return servers.jobstate_server(history, uvloop=uv) if system == "jobstate" else servers.etcd_server()
+        if system == "jobstate":
+            return servers.jobstate_server(history, uvloop=uv, source=args.source_dir)
+        return servers.etcd_server()
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {system}: {msg}", file=sys.stderr, flush=True)
@@ -340,25 +360,29 @@ def run_system(system: str, sz: Sizes, args: argparse.Namespace) -> dict[str, An
     with server() as srv:
         for shared in (False, True):
             key = "shared" if shared else "distinct"
-            pid = srv.pid if profile and not shared else None
-            out["cas"][key] = r = run_cas(system, srv.target, sz, shared, uv, pid, "cas")
-            log(f"cas {key}: {r['throughput']:.0f}/s p99 {r['p99']:.2f} ms conflicts {r['conflict_rate']:.1%}")
+            out["cas"][key] = r = run_cas(system, srv.target, sz, shared, uv, srv.pid, profile and not shared, "cas")
+            log(
+                f"cas {key}: {r['throughput']:.0f}/s p99 {r['p99']:.2f} ms conflicts {r['conflict_rate']:.1%}, "
+                f"server {r['server_cpu_us_per_write']:.0f} us CPU a write"
+            )
         for mode in sz.modes:
             for rate in sz.rates:
                 for n in sz.watchers:
                     key = f"{mode}/{n}/{'full' if not rate else int(rate)}"
-                    pid = srv.pid if profile and mode == "all" and n == 100 else None
+                    prof = profile and mode == "all" and n == 100
                     tag = f"fanout-{mode}-{n}-{'full' if not rate else int(rate)}"
-                    out["fanout"][key] = r = run_fanout(system, srv.target, sz, n, mode, rate, uv, pid, tag)
+                    out["fanout"][key] = r = run_fanout(system, srv.target, sz, n, mode, rate, uv, srv.pid, prof, tag)
                     log(
                         f"fan-out {key}: {r['throughput']:.0f} ev/s, {r['writes_per_s']:.0f} w/s, "
-                        f"p99 {r['p99'] or 0:.2f} ms, {r['received']}/{r['expected']}"
+                        f"p99 {r['p99'] or 0:.2f} ms, {r['received']}/{r['expected']}, "
+                        f"{r['events_per_response']:.1f} events a response, "
+                        f"server {r['server_cpu_us_per_event']:.1f} us CPU an event"
                     )
     with server() as srv:
-        out["idle"] = r = run_idle_watchers(system, srv, sz.idle_watchers, uv)
-        log(f"idle watchers: {r['per_watcher'] / 1024:.1f} KiB each")
         out["memory"] = r = run_population(system, srv, sz, uv)
         log(f"population: {r['per_job']:.0f} B/job, {r['writes_per_s']:.0f} writes/s")
+        out["idle"] = r = run_idle_watchers(system, srv, sz.idle_watchers, uv)
+        log(f"idle watchers: {r['per_watcher'] / 1024:.1f} KiB each")
         out["reads"] = r = run_reads(system, srv.target, sz, uv)
         log(f"initial sync {r['listed']} in {r['sync_s']:.2f}s; catch-up {r['events']} in {r['catch_s']:.2f}s")
     return out
@@ -396,7 +420,17 @@ def machine() -> dict[str, Any]:
         "uvloop": v("uvloop"),
         "etcd": servers.etcd_version(),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "jobstate_source": _describe_source(),
     }
+
+
+def _describe_source() -> str:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=servers.REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "?"
+    dirty = git("status", "--porcelain", "--", "server", "gen")
+    return f"{rev}{' + uncommitted changes' if dirty else ''}"
 
 
 def _f(x: float | None, digits: int = 2) -> str:
@@ -439,7 +473,10 @@ def rows(res: dict[str, dict[str, Any]], sz: Sizes) -> list[dict[str, Any]]:
         a, b = js.get("cas", {}).get(key), et.get("cas", {}).get(key)
         note = ""
         if a and b:
-            note = f"conflicts {a['conflict_rate']:.0%} / {b['conflict_rate']:.0%}"
+            note = (
+                f"conflicts {a['conflict_rate']:.0%} / {b['conflict_rate']:.0%}; server CPU a write "
+                f"{a['server_cpu_us_per_write']:.0f} / {b['server_cpu_us_per_write']:.0f} us"
+            )
         add(f"CAS, {sz.cas_writers} writers, {label}", "writes/s", a, b, note)
     for key in js.get("fanout", {}) | et.get("fanout", {}):
         mode, n, rate = key.split("/")
@@ -448,7 +485,11 @@ def rows(res: dict[str, dict[str, Any]], sz: Sizes) -> list[dict[str, Any]]:
         speed = "full speed" if rate == "full" else f"{rate} writes/s"
         note = ""
         if a and b:
-            note = f"writes/s {a['writes_per_s']:,.0f} / {b['writes_per_s']:,.0f}"
+            note = (
+                f"writes/s {a['writes_per_s']:,.0f} / {b['writes_per_s']:,.0f}; events a response "
+                f"{a['events_per_response']:.1f} / {b['events_per_response']:.1f}; server CPU an event "
+                f"{a['server_cpu_us_per_event']:.0f} / {b['server_cpu_us_per_event']:.0f} us"
+            )
             lost = [f"{s} got {r['received']}/{r['expected']}" for s, r in (("js", a), ("etcd", b))]
             if any(r["received"] < r["expected"] * 0.999 for r in (a, b)):
                 note += "; " + ", ".join(lost)
@@ -515,12 +556,13 @@ def markdown(table: list[dict[str, Any]], info: dict[str, Any], quick: bool, arg
     ]
     m = info
     title = "QUICK run (small counts; memory scaled up from them)" if quick else "Full run"
-    flags = " --uvloop" if args.uvloop else ""
+    flags = (" --uvloop" if args.uvloop else "") + (f" --source {args.source}" if args.source else "")
     return (
         f"# jobstate vs etcd: {title}\n\n"
         f"{m['date']} · {m['cores']} cores, {m['cpu']}, {m['memory_gib']} GiB · Python {m['python']}, "
         f"grpcio {m['grpcio']}, protobuf {m['protobuf']}, etcd {m['etcd']} (client: aetcd {m['aetcd']} stubs)"
-        f"{' · uvloop ' + m['uvloop'] if args.uvloop else ''}\n\n"
+        f"{' · uvloop ' + m['uvloop'] if args.uvloop else ''}"
+        f" · jobstate {args.source or m['jobstate_source']}\n\n"
         f"Reproduce: `make bench{' QUICK=1' if quick else ''}`{f' (BENCH_ARGS={flags.strip()})' if flags else ''}. "
         "Server and clients share the machine; clients are separate processes (2 writer or watcher processes, "
         "one fan-out writer process), the same layout and the same thin grpc.aio layer for both systems. "
@@ -608,7 +650,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy the jobstate server under CAS and fan-out")
     ap.add_argument("--systems", default="jobstate,etcd", help="comma-separated subset of jobstate,etcd")
     ap.add_argument("--out", default="", help="file stem under bench/results (default: latest, or quick)")
+    ap.add_argument("--source", default="", help="run the jobstate server of this git revision (default: work tree)")
     args = ap.parse_args(argv)
+    with servers.exported(args.source) if args.source else contextlib.nullcontext() as src:
+        args.source_dir = src
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     sz = QUICK if args.quick else FULL
     systems = [s for s in args.systems.split(",") if s]
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -87,14 +87,18 @@ class Server:
 
 
 @contextlib.contextmanager
-def jobstate_server(history_size: int, uvloop: bool = False) -> Iterator[Server]:
+def jobstate_server(history_size: int, uvloop: bool = False, source: Path | None = None) -> Iterator[Server]:
+    """The server as ``jobstate serve`` starts it; from ``source`` (an exported tree) instead of this one if set."""
     port = free_port()
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(source / d) for d in ("server", "client", "gen")] + [str(REPO)])
     args = ["--host", HOST, "--port", str(port), "--history-size", str(history_size)]
     # The harness's own launcher installs uvloop's event loop before the server starts; otherwise the
     # server runs exactly as a user starts it.
     module = ["-m", "bench.uvserve"] if uvloop else ["-m", "jobstate", "serve"]
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally, after the server stops
-    proc = subprocess.Popen([sys.executable, *module, *args], cwd=REPO, stdout=log, stderr=log)
+    proc = subprocess.Popen([sys.executable, *module, *args], cwd=REPO, stdout=log, stderr=log, env=env)
     try:
         _wait_port(port, proc)
         yield Server("jobstate", proc, f"{HOST}:{port}")
@@ -137,3 +141,15 @@ def etcd_server() -> Iterator[Server]:
         finally:
             _stop(proc)
             log.close()
+
+
+@contextlib.contextmanager
+def exported(rev: str) -> Iterator[Path]:
+    """The server, client and stubs of git revision ``rev``, exported to a temp dir (to measure a commit while
+    the work tree changes)."""
+    with tempfile.TemporaryDirectory(prefix="bench-src-") as d:
+        archive = subprocess.run(
+            ["git", "archive", rev, "server", "client", "gen"], cwd=REPO, check=True, capture_output=True, timeout=60
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", d], input=archive, check=True, timeout=60)
+        yield Path(d)

@@ -206,11 +206,12 @@ async def fanout_watchers(system: str, target: str, p: dict[str, Any], sync: Syn
     start = sync.head.value + 1
     hist = Hist()
     received = 0
+    responses = 0
     last_receipt = 0
     t_start_box = sync.t_start
 
     async def watcher(k: int) -> None:
-        nonlocal received, last_receipt
+        nonlocal received, responses, last_receipt
         live = False
         _incr(sync.started)
         async for batch in b.watch(jobs[k % len(jobs)] if p["single"] else None, start):
@@ -223,6 +224,7 @@ async def fanout_watchers(system: str, target: str, p: dict[str, Any], sync: Syn
             t_start = t_start_box.value
             if not t_start:
                 continue
+            responses += 1
             for job in batch:
                 s = sent_ns(job)
                 if s >= t_start:
@@ -248,7 +250,13 @@ async def fanout_watchers(system: str, target: str, p: dict[str, Any], sync: Syn
             except Exception as exc:
                 errors.append(repr(exc))
     await b.close()
-    return {"received": received, "last_receipt": last_receipt, "hist": hist.b, "errors": errors[:3]}
+    return {
+        "received": received,
+        "responses": responses,
+        "last_receipt": last_receipt,
+        "hist": hist.b,
+        "errors": errors[:3],
+    }
 
 
 # --- memory, initial sync, catch-up ----------------------------------------------------------------------------
