@@ -259,7 +259,7 @@ def render(model: LiveModel, width: int, height: int, now: float, wall: float, c
     titles = f"  {cell('JOB ID', id_width)}  {cell('STATE', 11)}  {cell('VER', 4, True)}  {cell('AGE', 4, True)}"
     titles += f"  {cell('CHANGED', 7, True)}  EXECUTIONS"
     lines.append([(titles, DIM if colour else "")])
-    room = max(0, height - len(lines) - 1)
+    room = max(0, height - len(lines))
     shown = rows if len(rows) <= room else rows[: max(0, room - 1)]
     for row in shown:
         job = row.job
