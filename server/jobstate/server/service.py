@@ -11,6 +11,7 @@ change is encoded once for all watchers), so Watch's response serializer is the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,7 +33,7 @@ SERVICE_NAME = spb.DESCRIPTOR.services_by_name["JobStateService"].full_name
 ERROR_DOMAIN = "jobstate"
 MIN_PROGRESS_INTERVAL = 0.01
 
-# One table from domain error to status code; tests/unit/test_service_errors.py checks it covers every error.
+# One table from domain error to status code; tests/integration/test_errors_raw.py checks it covers every error.
 STATUS_OF: dict[type[errors.JobStateError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.JobNotFound: grpc.StatusCode.NOT_FOUND,
@@ -179,8 +180,10 @@ class JobStateService:
         code = grpc.StatusCode.OK
         try:
             spec = self.watch_spec(_parse(spb.WatchRequest, data))
-            async for response in self.store.watch(spec):
-                yield response
+            # aclosing: a cancelled call releases its watcher now, not whenever the generator is collected.
+            async with contextlib.aclosing(self.store.watch(spec)) as stream:
+                async for response in stream:
+                    yield response
         except errors.JobStateError as exc:
             code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
             if isinstance(exc, errors.WatcherLagged):
