@@ -40,6 +40,7 @@ from jobstate.server.service import to_status
 from jobstate.v1 import job_state_pb2 as pb
 from jobstate.v1 import job_state_service_pb2 as spb
 
+from .apis import make_api
 from .proxy import TcpProxy
 
 ET = spb.WatchEventType
@@ -444,3 +445,20 @@ async def test_async_watch_resumes_through_cuts(server: Any) -> None:
         assert len(checker.live_events()) == len(writer.commits)
         assert len(resumes) >= CUTS
         assert all(isinstance(e, Unavailable) or "RST_STREAM" in e.message for e in resumes), resumes
+
+
+async def test_close_during_backoff_ends_at_once(kind: str, server: Any) -> None:
+    """Regression: the asyncio stream slept out its whole backoff delay after close()."""
+    with TcpProxy(server.port) as proxy:
+        proxy.refuse()  # every attempt fails: the stream sits in its backoff
+        resumed = threading.Event()
+        api = make_api(kind, proxy.target, backoff=Backoff(initial=60, maximum=60))
+        try:
+            rec = await api.watch(start_revision=1, on_resume=lambda *a: resumed.set())
+            assert await asyncio.to_thread(resumed.wait, 10)
+            started = time.monotonic()
+            await rec.close()  # asserts the consumer ended (within 5s) without being cancelled
+            assert time.monotonic() - started < 5
+            assert rec.responses == []
+        finally:
+            await api.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -230,6 +231,7 @@ class AsyncWatchStream:
         self.cursor: WatchCursor | None = None
         self._call: Any = None
         self._closed = False
+        self._woken = asyncio.Event()  # set by close(), so that a backoff wait ends at once
 
     @property
     def position(self) -> int:
@@ -237,6 +239,7 @@ class AsyncWatchStream:
 
     def close(self) -> None:
         self._closed = True
+        self._woken.set()
         if self._call is not None:
             self._call.cancel()
 
@@ -282,7 +285,8 @@ class AsyncWatchStream:
                 cursor.resumes += 1
                 if self._on_resume is not None:
                     self._on_resume(err, attempt, delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), delay)
             finally:
                 if self._call is not None and not self._call.done():
                     self._call.cancel()

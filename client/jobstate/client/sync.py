@@ -257,6 +257,8 @@ class WatchStream:
         attempt = 0
         while not self._closed.is_set():
             self._call = self._client._stub.Watch(self.cursor.next_request(), metadata=self._client.metadata)
+            if self._closed.is_set():  # close() ran between the loop's check and the call: it missed this call
+                self._call.cancel()
             try:
                 for response in self._call:
                     attempt = 0
