@@ -12,11 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import BAD_TOKEN, TOKENS, bearer
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from secutil import BAD_TOKEN, TOKENS, bearer
 
 from jobstate.server.main import JsonFormatter, TextFormatter
 from jobstate.server.security import Role, TokenTable

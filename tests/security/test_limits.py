@@ -15,9 +15,9 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import ROOT, TOKENS, bearer
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from secutil import ROOT, TOKENS, bearer
 
 from jobstate.server import rules
 from jobstate.v1 import job_state_pb2 as pb

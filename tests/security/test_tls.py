@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import TOKENS, bearer
 from pki import PKI
+from secutil import TOKENS, bearer
 
 from jobstate.server.main import ServerConfig, build_server, check_transport
 from jobstate.v1 import job_state_service_pb2 as spb
