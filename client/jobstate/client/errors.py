@@ -1,7 +1,7 @@
 """Client exceptions: one class per gRPC status code, each carrying the server's ErrorInfo.
 
 Every ``grpc.StatusCode`` except OK has exactly one class here, registered as the class is defined, so the
-mapping cannot drift (tests/unit/test_client_errors.py checks it). ``reason`` and ``metadata`` come from the
+mapping cannot drift (tests/client/test_errors.py checks it). ``reason`` and ``metadata`` come from the
 ``google.rpc.ErrorInfo`` the server attaches (domain ``jobstate``); switch on ``reason`` (see ``Reason``).
 """
 
