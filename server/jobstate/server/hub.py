@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from jobstate.server.errors import ResourceLimit, RevisionCompacted, ShuttingDown, WatcherLagged
@@ -102,6 +102,13 @@ class Change:
         self.job_id = job.job_id
         self.nodes = frozenset(e.node_id for e in job.executions)
         self.frame = encode_event(event_type, revision, job.SerializeToString(), time_ns)
+
+    @classmethod
+    def restored(cls, revision: int, job_id: str, nodes: frozenset[str], frame: bytes) -> Change:
+        """A change read back from disk, already serialized (a persistent engine stores ``frame``)."""
+        c = cls.__new__(cls)
+        c.revision, c.job_id, c.nodes, c.frame = revision, job_id, nodes, frame
+        return c
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,11 +220,11 @@ class WatchHub:
         self._head = head_revision
         self._oldest = head_revision + 1
 
-    def restore(self, head_revision: int, events: Iterable[tuple[int, int, pb.JobState, int]]) -> None:
-        """Starts the hub at ``head_revision`` holding ``events`` (revision, type, job, time_ns), read back from
-        disk by an engine reopened after a restart, so watchers resume by revision across it.
+    def restore(self, head_revision: int, changes: Iterable[Change]) -> None:
+        """Starts the hub at ``head_revision`` holding ``changes``, read back from disk by an engine reopened
+        after a restart, so watchers resume by revision across it.
 
-        The events must be consecutive and end at ``head_revision`` (the ring's invariant); the last
+        The changes must be consecutive and end at ``head_revision`` (the ring's invariant); the last
         ``history_size`` are kept. Only before the hub is in use: no watcher, nothing published.
         """
         if self._watchers or self.stats.published:
@@ -225,11 +232,12 @@ class WatchHub:
         ring: list[Change | None] = [None] * self._cap
         first = 0
         expected = 0
-        for revision, event_type, job, time_ns in events:
+        for c in changes:
+            revision = c.revision
             if expected and revision != expected:
                 raise ValueError(f"revision {revision} restored after {expected - 1}: revisions must be consecutive")
             first = first or revision
-            ring[revision % self._cap] = Change(revision, event_type, job, time_ns)
+            ring[revision % self._cap] = c
             expected = revision + 1
         if expected and expected != head_revision + 1:
             raise ValueError(f"restored events end at {expected - 1}, not at the head revision {head_revision}")
@@ -247,9 +255,13 @@ class WatchHub:
     # -- publishing ----------------------------------------------------------------------------------------
 
     def publish(self, revision: int, event_type: int, job: pb.JobState, time_ns: int) -> None:
+        self.publish_change(Change(revision, event_type, job, time_ns))
+
+    def publish_change(self, c: Change) -> None:
+        """Publishes a change serialized beforehand (by an engine that also wrote ``c.frame`` to disk)."""
+        revision = c.revision
         if revision != self._head + 1:
             raise ValueError(f"revision {revision} published after {self._head}: revisions must be consecutive")
-        c = Change(revision, event_type, job, time_ns)
         self._ring[revision % self._cap] = c
         self._head = revision
         if revision - self._oldest >= self._cap:
@@ -307,7 +319,9 @@ class WatchHub:
                 if not ws:
                     del index[key]
 
-    async def watch(self, spec: WatchSpec, snapshot: Callable[[], Snapshot] | None = None) -> AsyncIterator[bytes]:
+    async def watch(
+        self, spec: WatchSpec, snapshot: Callable[[], Snapshot] | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """Serialized ``WatchResponse`` messages for ``spec``, until the caller stops iterating.
 
         Raises ``RevisionCompacted`` (first iteration), ``WatcherLagged``, ``ShuttingDown`` or ``ResourceLimit``.

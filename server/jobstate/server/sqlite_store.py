@@ -7,8 +7,9 @@ reaches a watcher or is acknowledged: if the transaction fails, nothing changed 
 Tables:
 - ``jobs``: one row per live job (its serialized ``JobState`` and what the indexes need);
 - ``history``: every history entry of every live job (deleted with the job, in the same transaction);
-- ``events``: the last ``history_size`` changes as watchers receive them, so after a restart a watcher
-  resumes by revision with nothing lost;
+- ``events``: the last ``history_size`` changes as watchers receive them (the hub's serialized ``WatchEvent``
+  frame, with the job id and node ids its filters need), so after a restart a watcher resumes by revision with
+  nothing lost, and reopening does not parse or re-encode them;
 - ``meta``: the head revision (and the schema version).
 
 Durability: WAL mode with ``synchronous=FULL``: each commit fsyncs the WAL, so an acknowledged change survives
@@ -28,12 +29,11 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 from jobstate.server import rules
 from jobstate.server.errors import JobStateError, ShuttingDown
-from jobstate.server.hub import DELETED, WatchHub
+from jobstate.server.hub import DELETED, Change, WatchHub
 from jobstate.server.store import MemoryStore, Mutation, _Record
 from jobstate.v1 import job_state_pb2 as pb
 
@@ -61,8 +61,9 @@ CREATE TABLE IF NOT EXISTS events (
     revision INTEGER PRIMARY KEY,
     type INTEGER NOT NULL,
     job_id TEXT NOT NULL,
-    job BLOB NOT NULL,
-    time_ns INTEGER NOT NULL
+    nodes TEXT NOT NULL,
+    time_ns INTEGER NOT NULL,
+    frame BLOB NOT NULL
 );
 """
 
@@ -142,19 +143,17 @@ class SqliteStore(MemoryStore):
             if rec is not None:
                 rec.history.append(pb.JobHistoryEntry.FromString(entry))
         events = self._db.execute(
-            "SELECT revision, type, job, time_ns FROM events WHERE revision > ? ORDER BY revision",
+            "SELECT revision, job_id, nodes, frame FROM events WHERE revision > ? ORDER BY revision",
             (head - self.hub.history_size,),
         )
-        self.hub.restore(head, self._events(events))
+        self.hub.restore(
+            head,
+            (Change.restored(rev, job_id, frozenset(nodes.split()), frame) for rev, job_id, nodes, frame in events),
+        )
         self._revision = head
         last_event = self._db.execute("SELECT max(time_ns) FROM events").fetchone()[0] or 0
         # create_time order is commit order across restarts too, even if the wall clock went back meanwhile.
         self._clock.last = max(latest, last_event)
-
-    @staticmethod
-    def _events(rows: sqlite3.Cursor) -> Iterator[tuple[int, int, pb.JobState, int]]:
-        for revision, event_type, job, time_ns in rows:
-            yield revision, event_type, pb.JobState.FromString(job), time_ns
 
     # -- writing through -----------------------------------------------------------------------------------
 
@@ -162,7 +161,6 @@ class SqliteStore(MemoryStore):
         if self._closed:
             raise ShuttingDown("the server is shutting down")
         job = m.job
-        job_bytes = job.SerializeToString()
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -175,15 +173,16 @@ class SqliteStore(MemoryStore):
                     timeout_ns = job.timeout_at.ToNanoseconds() if job.HasField("timeout_at") else 0
                     db.execute(
                         "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
-                        (job.job_id, m.create_ns, m.revision, m.time_ns, timeout_ns, job_bytes),
+                        (job.job_id, m.create_ns, m.revision, m.time_ns, timeout_ns, job.SerializeToString()),
                     )
                     db.execute(
                         "INSERT INTO history VALUES (?, ?, ?)",
                         (job.job_id, m.revision, m.entry.SerializeToString()),
                     )
+                event = m.event
                 db.execute(
-                    "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
-                    (m.revision, m.event_type, job.job_id, job_bytes, m.time_ns),
+                    "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+                    (m.revision, m.event_type, job.job_id, " ".join(event.nodes), m.time_ns, event.frame),
                 )
                 db.execute("DELETE FROM events WHERE revision <= ?", (m.revision - self.hub.history_size,))
                 db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (m.revision,))

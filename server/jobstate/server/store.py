@@ -17,14 +17,14 @@ import heapq
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from google.protobuf import field_mask_pb2
 
 from jobstate.server import changes, rules
 from jobstate.server.errors import InvalidArgument, JobAlreadyExists, JobNotFound, ResourceLimit
-from jobstate.server.hub import CREATED, DELETED, UPDATED, Snapshot, WatchHub, WatchSpec
+from jobstate.server.hub import CREATED, DELETED, UPDATED, Change, Snapshot, WatchHub, WatchSpec
 from jobstate.v1 import job_state_pb2 as pb
 from jobstate.v1 import job_state_service_pb2 as spb
 
@@ -108,7 +108,7 @@ class Store(abc.ABC):
     async def get_history(self, job_id: str, page_size: int = 0, page_token: str = "") -> HistoryPage: ...
 
     @abc.abstractmethod
-    def watch(self, spec: WatchSpec) -> AsyncIterator[bytes]:
+    def watch(self, spec: WatchSpec) -> AsyncGenerator[bytes, None]:
         """Serialized ``WatchResponse`` messages; see ``WatchHub.watch``."""
 
     @abc.abstractmethod
@@ -183,7 +183,8 @@ class Mutation:
     """One change about to be committed, handed to ``MemoryStore._persist`` before memory changes.
 
     ``job`` is the job after the change (for ``DELETED`` its last state); ``entry`` its history entry, with the
-    revision set (None for ``DELETED``: a deletion removes the job's history).
+    revision set (None for ``DELETED``: a deletion removes the job's history); ``event`` the change as the hub
+    will publish it, serialized once for watchers and disk alike.
     """
 
     revision: int
@@ -192,6 +193,7 @@ class Mutation:
     time_ns: int
     create_ns: int
     entry: pb.JobHistoryEntry | None
+    event: Change
 
 
 @dataclass(slots=True)
@@ -242,7 +244,8 @@ class MemoryStore(Store):
     def _commit(self, rec: _Record, change: changes.Change, event_type: int, now_ns: int) -> WriteResult:
         revision = self._revision + 1
         change.entry.revision = revision
-        self._persist(Mutation(revision, event_type, change.job, now_ns, rec.create_ns, change.entry))
+        event = Change(revision, event_type, change.job, now_ns)
+        self._persist(Mutation(revision, event_type, change.job, now_ns, rec.create_ns, change.entry, event))
         self._revision = revision
         if event_type == CREATED:
             self._add(rec)
@@ -250,7 +253,7 @@ class MemoryStore(Store):
         rec.mod_revision = revision
         rec.mod_time_ns = now_ns
         rec.history.append(change.entry)
-        self.hub.publish(revision, event_type, change.job, now_ns)
+        self.hub.publish_change(event)
         return WriteResult(change.job, revision, change.execution)
 
     # -- writes --------------------------------------------------------------------------------------------
@@ -321,12 +324,13 @@ class MemoryStore(Store):
         changes.check_delete(rec.job, expected_version)
         now = self._clock.now()
         revision = self._revision + 1
-        self._persist(Mutation(revision, DELETED, rec.job, now, rec.create_ns, None))
+        event = Change(revision, DELETED, rec.job, now)
+        self._persist(Mutation(revision, DELETED, rec.job, now, rec.create_ns, None, event))
         self._revision = revision
         del self._jobs[job_id]
         i = bisect.bisect_left(self._order, (rec.create_ns, job_id))
         del self._order[i]
-        self.hub.publish(revision, DELETED, rec.job, now)
+        self.hub.publish_change(event)
         return WriteResult(rec.job, revision)
 
     async def expire_due(self, now_ns: int | None = None) -> int:
@@ -407,7 +411,7 @@ class MemoryStore(Store):
             snap.jobs.append((r.job, r.mod_revision, r.mod_time_ns))
         return snap
 
-    def watch(self, spec: WatchSpec) -> AsyncIterator[bytes]:
+    def watch(self, spec: WatchSpec) -> AsyncGenerator[bytes, None]:
         return self.hub.watch(spec, lambda: self.snapshot(spec))
 
     def stats(self) -> StoreStats:
