@@ -8,7 +8,6 @@ acknowledged write is there.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -32,9 +31,6 @@ from jobstate.v1 import job_state_service_pb2_grpc as spb_grpc
 JS = pb.JobStateType
 ES = pb.ExecutionStateType
 DEADLINE = 30.0
-ROOT = Path(__file__).resolve().parents[2]
-# A server process from a ServerConfig as JSON (the security tests' runner: reused, not copied).
-RUNNER = ROOT / "tests" / "security" / "serverproc.py"
 
 
 def free_port() -> int:
@@ -52,10 +48,11 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        config = {"port": self.port, "store": "sqlite", "data_dir": str(self.data_dir), "grace": 1.0}
+        command = [sys.executable, "-m", "jobstate", "serve", "--port", str(self.port), "--grace", "1"]
+        command += ["--store", "sqlite", "--data-dir", str(self.data_dir), "--log-level", "debug"]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(RUNNER), json.dumps(config)],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -228,10 +228,14 @@ def cmd_serve(ctx: Context) -> int:
         max_watchers=a.max_watchers,
         grace=a.grace,
         metrics_port=a.metrics_port,
+        store=a.store,
+        data_dir=a.data_dir,
+        etcd_endpoints=tuple(u for u in a.etcd_endpoints.split(",") if u),
+        etcd_prefix=a.etcd_prefix,
     )
     try:
         return run(config)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a taken port or data dir; an engine without what it needs
         ctx.err.write(f"error: {exc}\n")
         return EXIT_API_ERROR
 
@@ -559,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=_Formatter,
         )
 
-    p = add("serve", "run the server (in-memory store)", "Run the jobstate server until SIGTERM or Ctrl-C.")
+    p = add("serve", "run the server", "Run the jobstate server until SIGTERM or Ctrl-C.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=50051, help="port to listen on (0: a free one)")
     p.add_argument("--history-size", type=non_negative_int, default=100_000, help="changes kept for watchers")
@@ -568,6 +572,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     p.add_argument("--metrics-port", type=non_negative_int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument(
+        "--store",
+        choices=["memory", "sqlite", "etcd"],
+        default="memory",
+        help="storage engine: memory (lost on exit), sqlite (durable, in --data-dir), etcd (shared by many servers)",
+    )
+    p.add_argument("--data-dir", help="directory of the sqlite store's database (created if missing)")
+    p.add_argument("--etcd-endpoints", default="", metavar="URL[,URL...]", help="etcd members for --store etcd")
+    p.add_argument("--etcd-prefix", default="/jobstate", help="key prefix of the jobs in etcd")
     p.set_defaults(func=cmd_serve)
 
     p = add("create", "create a job", "Create a job in state NEW (version 1).")

@@ -32,13 +32,11 @@ def _sqlite(config: ServerConfig) -> Store:
 
 
 def _etcd(config: ServerConfig) -> Store:
-    # The etcd engine is its own module; its open function builds the store from the config's etcd fields.
-    from jobstate.server import etcd_store  # type: ignore[attr-defined, unused-ignore]
+    from jobstate.server import etcd_store
 
     if not config.etcd_endpoints:
         raise ValueError("the etcd store needs endpoints (--etcd-endpoints)")
-    store: Store = etcd_store.open_store(config)
-    return store
+    return etcd_store.open_store(config)  # it connects in Store.start
 
 
 # name -> factory. A new engine is one entry here.
