@@ -150,3 +150,66 @@ class ThreadServer:
             self.call(self.app.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+def client_env() -> dict[str, str]:
+    paths = [str(ROOT / p) for p in ("server", "client", "gen", "tests")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+class LoadGen:
+    """tests/security/loadgen.py as a subprocess: ``wait_ready()`` once its watchers are registered, then
+    ``result()`` for its figures (it fails the test if the load generator found a violation)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "loadgen.py"), json.dumps(config)],
+            cwd=ROOT,
+            env=client_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        assert self.proc.stdout is not None
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            if self.proc.stdout.readline().strip() == "ready":
+                ready.set()
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        if not ready.wait(timeout):
+            self.kill()
+            raise AssertionError(f"load generator not ready: {self.proc.stderr.read() if self.proc.stderr else ''}")
+
+    def result(self, timeout: float = 300) -> dict[str, Any]:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        finally:
+            self.kill()
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        assert lines, f"load generator printed no figures (exit {self.proc.returncode}): {err[-3000:]}"
+        figures: dict[str, Any] = json.loads(lines[-1])
+        assert not figures["violations"], figures["violations"][:10]
+        assert not figures["unexpected"], figures["unexpected"][:10]
+        assert self.proc.returncode == 0, err[-3000:]
+        return figures
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    with open(f"/proc/{pid or 'self'}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
