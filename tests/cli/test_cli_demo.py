@@ -37,8 +37,8 @@ def test_demo_drives_a_realistic_workload(server: Any) -> None:
     assert r.code == 0, r.err
     last = r.err.strip().splitlines()[-1]  # piped: one progress line per interval, and a final one
     assert last.startswith("demo ")
-    assert " created, " in last
-    assert "errors" not in r.err  # every write failure was explained (a timeout), none unexpected
+    assert " jobs: " in last
+    assert " errors (" not in r.err  # every write failure was explained (a timeout), none unexpected
 
     with Client(server.target) as c:
         jobs = list(c.iter_jobs())

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import random
 import secrets
+import shutil
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,12 +60,12 @@ class DemoStats:
     def line(self, writes_per_second: float) -> str:
         elapsed = time.monotonic() - self.started
         text = (
-            f"demo {elapsed:5.0f}s  jobs: {self.created} created, {self.active} active, {self.completed} completed, "
-            f"{self.failed} failed, {self.timed_out} timed out, {self.cancelled} cancelled  "
-            f"retries: {self.retries}  writes: {writes_per_second:.0f}/s"
+            f"demo {elapsed:4.0f}s  {self.created} jobs: {self.active} active {self.completed} completed "
+            f"{self.failed} failed {self.timed_out} timed out {self.cancelled} cancelled  "
+            f"{self.retries} retries  {writes_per_second:.0f} writes/s"
         )
         if self.errors:
-            text += f"  errors: {self.errors} ({self.last_error[:60]})"
+            text += f"  {self.errors} errors ({self.last_error[:60]})"
         return text
 
 
@@ -352,8 +353,12 @@ class DemoScheduler:
         while True:
             await asyncio.sleep(interval)
             line = self.stats.line(self._rate())
-            # On a terminal one line rewritten in place; in a log one line per interval.
-            out.write(f"\r{line}\x1b[K" if tty else line + "\n")
+            # On a terminal one line rewritten in place (cut to its width, or it would wrap and scroll);
+            # in a log one line per interval.
+            if tty:
+                out.write("\r" + line[: shutil.get_terminal_size().columns - 1] + "\x1b[K")
+            else:
+                out.write(line + "\n")
             out.flush()
 
 

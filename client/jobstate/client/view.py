@@ -167,15 +167,17 @@ class LiveModel:
     events: int = 0
     deleted: int = 0
     recent: deque[float] = field(default_factory=deque)
+    connected: bool = False  # a response has arrived (failures before it are a slow start, not a resume)
     reconnecting: str = ""  # why the stream is down, while it is
     resumed: str = ""  # the last resume, once the stream is live again
     resumes: int = 0
     relists: int = 0
 
     def apply(self, response: spb.WatchResponse, now: float) -> None:
-        if self.reconnecting:
+        if self.reconnecting and self.connected:
             self.resumed = f"resumed after {self.reconnecting} at {dt.datetime.now():%H:%M:%S}"
-            self.reconnecting = ""
+        self.reconnecting = ""
+        self.connected = True
         for event in response.events:
             self.apply_event(event, now)
         self.revision = max(self.revision, response.revision)
@@ -229,7 +231,7 @@ def render(model: LiveModel, width: int, height: int, now: float, wall: float, c
     lines: list[list[Segment]] = []
     status: Segment = ("live", "32") if model.synced else ("syncing…", "33")
     if model.reconnecting:
-        status = (f"reconnecting: {model.reconnecting}", "1;33")
+        status = (f"{'reconnecting' if model.connected else 'connecting'}: {model.reconnecting}", "1;33")
     lines.append(
         [
             ("jobstate watch", BOLD),
