@@ -29,8 +29,10 @@ def tokens_file(tmp_path: Path) -> Path:
 def server_process(tmp_path: Path) -> Iterator[Any]:
     started: list[ServerProcess] = []
 
-    def start(credentials: grpc.ChannelCredentials | None = None, **config: Any) -> ServerProcess:
-        p = ServerProcess(config, tmp_path / f"server-{len(started)}.log", credentials)
+    def start(
+        credentials: grpc.ChannelCredentials | None = None, port: int | None = None, **config: Any
+    ) -> ServerProcess:
+        p = ServerProcess(config, tmp_path / f"server-{len(started)}.log", credentials, port)
         started.append(p)
         return p
 

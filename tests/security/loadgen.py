@@ -29,7 +29,9 @@ from jobstate.client.core import Backoff
 from jobstate.client.errors import JobStateError
 from jobstate.v1 import job_state_service_pb2 as spb
 
-UNKNOWN_OUTCOME = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# A write that failed with one of these may or may not have been committed. CANCELLED is here because a call
+# that reaches a server as it stops is cancelled by gRPC before the service sees it (not UNAVAILABLE).
+UNKNOWN_OUTCOME = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 NODES = 10
 JOBS_PER_WATCHED_SET = 40
 

@@ -78,8 +78,14 @@ def wait_healthy(target: str, credentials: grpc.ChannelCredentials | None = None
 class ServerProcess:
     """``jobstate.server.main.serve`` in a subprocess (for signals: SIGHUP, SIGTERM, SIGKILL)."""
 
-    def __init__(self, config: dict[str, Any], log_path: Path, credentials: grpc.ChannelCredentials | None = None):
-        self.port = free_port()
+    def __init__(
+        self,
+        config: dict[str, Any],
+        log_path: Path,
+        credentials: grpc.ChannelCredentials | None = None,
+        port: int | None = None,
+    ):
+        self.port = port or free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
