@@ -10,7 +10,7 @@ import pytest
 
 from jobstate.server import errors
 from jobstate.server.hub import WatchHub, WatchSpec
-from jobstate.server.sqlite_store import DB_FILE, DataDirInUse, SqliteStore, StorageError
+from jobstate.server.sqlite_store import DB_FILE, DataDirInUse, SqliteStore
 from jobstate.v1 import job_state_pb2 as pb
 from jobstate.v1 import job_state_service_pb2 as spb
 
@@ -114,7 +114,7 @@ async def test_a_failed_write_changes_nothing(tmp_path: Path) -> None:
         store.delete_job("a"),
     ]
     for write in writes:
-        with pytest.raises(StorageError, match="disk says no"):
+        with pytest.raises(errors.StoreUnavailable, match="disk says no"):
             await write
     assert await everything(store) == before
     assert store.stats().revision == before[2]
@@ -138,7 +138,7 @@ async def test_a_timeout_that_cannot_be_committed_fires_later(tmp_path: Path) ->
     job = (await store.create_job("t", SECOND)).job
     due = job.timeout_at.ToNanoseconds()
     store._db.execute("CREATE TEMP TRIGGER fail BEFORE INSERT ON history BEGIN SELECT RAISE(ABORT, 'full'); END")
-    with pytest.raises(StorageError):
+    with pytest.raises(errors.StoreUnavailable):
         await store.expire_due(due)
     assert (await store.get_job("t")).job.state == JS.JOB_STATE_TYPE_NEW
     assert store.next_timeout_ns() == due

@@ -35,7 +35,7 @@ import sqlite3
 from pathlib import Path
 
 from jobstate.server import rules
-from jobstate.server.errors import JobStateError, ShuttingDown
+from jobstate.server.errors import ShuttingDown, StoreUnavailable
 from jobstate.server.hub import DELETED, Change, WatchHub
 from jobstate.server.store import MemoryStore, Mutation, _Record
 from jobstate.v1 import job_state_pb2 as pb
@@ -69,12 +69,6 @@ CREATE TABLE IF NOT EXISTS events (
     frame BLOB NOT NULL
 );
 """
-
-
-class StorageError(JobStateError):
-    """The change could not be committed to disk; nothing changed. The service reports it as INTERNAL."""
-
-    reason = "STORAGE_ERROR"
 
 
 class DataDirInUse(RuntimeError):
@@ -195,7 +189,11 @@ class SqliteStore(MemoryStore):
                     db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            raise StorageError(f"the change at revision {m.revision} was not committed: {exc}") from exc
+            # UNAVAILABLE / STORE_UNAVAILABLE, as for an etcd that cannot commit: the transaction was rolled back
+            # and nothing changed here (only an fsync failing inside COMMIT can leave the change on disk, to
+            # appear at the next start; the events table's revision key then refuses every later write rather
+            # than letting memory and disk diverge).
+            raise StoreUnavailable(f"the change at revision {m.revision} was not committed: {exc}") from exc
 
     # -- closing -------------------------------------------------------------------------------------------
 
