@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
@@ -29,6 +31,37 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+# --- transport security and the caller's token ------------------------------------------------------------
+
+TOKEN_ENV = "JOBSTATE_TOKEN"
+
+
+def channel_credentials(
+    tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any TLS file is given: ``tls_ca`` the CA to trust (default: the system's roots),
+    ``tls_cert``/``tls_key`` this client's certificate and key for a server that requires them (mTLS)."""
+    if tls_ca is None and tls_cert is None and tls_key is None:
+        return None
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs both tls_cert and tls_key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+        private_key=Path(tls_key).read_bytes() if tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+    )
+
+
+def call_metadata(metadata: Sequence[tuple[str, str]], token: str | None) -> tuple[tuple[str, str], ...]:
+    """``metadata`` plus ``authorization: Bearer <token>``; ``token`` None reads $JOBSTATE_TOKEN, "" sends none."""
+    md = tuple(metadata)
+    if token is None:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    if token and not any(k.lower() == "authorization" for k, _ in md):
+        md += (("authorization", f"Bearer {token}"),)
+    return md
+
 
 Seconds = float | int | dt.timedelta
 JobStateLike = int | str

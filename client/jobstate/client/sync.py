@@ -38,7 +38,15 @@ class Client:
         channel: grpc.Channel | None = None,
         backoff: Backoff = core.DEFAULT_BACKOFF,
         read_attempts: int = 4,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        token: str | None = None,
     ) -> None:
+        """``tls_ca``/``tls_cert``/``tls_key``: TLS (see ``core.channel_credentials``) unless ``credentials`` or
+        ``channel`` is given. ``token``: sent as ``authorization: Bearer``; None reads $JOBSTATE_TOKEN."""
+        if credentials is None:
+            credentials = core.channel_credentials(tls_ca, tls_cert, tls_key)
         if channel is None:
             channel = (
                 grpc.secure_channel(target, credentials, options=core.CHANNEL_OPTIONS)
@@ -48,7 +56,7 @@ class Client:
         self.target = target
         self.channel = channel
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = core.call_metadata(metadata, token)
         self.backoff = backoff
         self.read_attempts = read_attempts
         self._stub = spb_grpc.JobStateServiceStub(channel)
