@@ -109,7 +109,7 @@ class ThreadRecorder(Recorder):
 
     async def close(self) -> None:
         self.stream.close()
-        await asyncio.to_thread(self._thread.join, 5)
+        await asyncio.to_thread(self._thread.join, 10)
         assert not self._thread.is_alive(), "the watch thread did not stop after close()"
 
 
@@ -140,7 +140,7 @@ class TaskRecorder(Recorder):
     async def close(self) -> None:
         self.stream.close()
         # close() alone must end the iteration: no cancel of the consuming task here.
-        done, _ = await asyncio.wait({self._task}, timeout=5)
+        done, _ = await asyncio.wait({self._task}, timeout=10)
         assert done, "the watch task did not stop after close()"
         assert not self._task.cancelled(), "close() cancelled the task iterating the stream"
 

@@ -92,7 +92,7 @@ class Handle:
             raise AssertionError("the informer's task ended")
 
 
-async def until(cond: Callable[[], bool], handle: Handle, what: str, timeout: float = 10) -> None:
+async def until(cond: Callable[[], bool], handle: Handle, what: str, timeout: float = 20) -> None:
     try:
         async with asyncio.timeout(timeout):
             while not cond():

@@ -53,7 +53,7 @@ _END = object()
 # --- scripted server ---------------------------------------------------------------------------------------
 
 
-def _bounded(fn: Callable[[], Any], timeout: float = 5) -> Any:
+def _bounded(fn: Callable[[], Any], timeout: float = 10) -> Any:
     """Runs a blocking grpc_testing call (they wait forever) on a daemon thread, with a deadline."""
     box: list[Any] = []
     t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
@@ -104,11 +104,11 @@ class Consumer:
         self._q.put(_END)
 
     def opened(self) -> WatchStream:
-        assert self._ready.wait(5), "watch() did not return"
+        assert self._ready.wait(10), "watch() did not return"
         assert self.stream is not None
         return self.stream
 
-    def next(self, timeout: float = 5) -> Any:
+    def next(self, timeout: float = 10) -> Any:
         return self._q.get(timeout=timeout)
 
     def revisions(self, n: int) -> list[int]:
@@ -121,7 +121,7 @@ class Consumer:
 
     def ended_with(self) -> Any:
         item = self.next()
-        self.thread.join(5)
+        self.thread.join(10)
         assert not self.thread.is_alive()
         return item
 
@@ -262,11 +262,11 @@ def test_close_during_backoff(script: Script) -> None:
     c = Consumer(lambda: slow.watch(start_revision=1, on_resume=lambda *a: waiting.set()))
     _, rpc = script.take_watch()
     terminate(rpc, code=grpc.StatusCode.UNAVAILABLE)
-    assert waiting.wait(5)
+    assert waiting.wait(10)
     started = time.monotonic()
     c.opened().close()
     assert c.ended_with() is _END
-    assert time.monotonic() - started < 5  # did not sit out the 30-60s delay
+    assert time.monotonic() - started < 20  # did not sit out the 30-60s delay
 
 
 def test_without_resume_a_drop_is_raised(script: Script) -> None:
@@ -386,7 +386,7 @@ def test_sync_watch_resumes_through_cuts(server: Any) -> None:
             wait_until(lambda: stream.position >= last or bool(failure), 20, f"position {stream.position} < {last}")
         finally:
             stream.close()
-            consumer.join(5)
+            consumer.join(10)
             client.close()
         assert not failure, failure
         assert not consumer.is_alive()
@@ -437,7 +437,7 @@ async def test_async_watch_resumes_through_cuts(server: Any) -> None:
             await until(lambda: stream.position >= last, 20, "position")
         finally:
             stream.close()
-            done, _ = await asyncio.wait({consumer}, timeout=5)
+            done, _ = await asyncio.wait({consumer}, timeout=10)
             await client.close()
         assert done
         consumer.result()
@@ -457,8 +457,8 @@ async def test_close_during_backoff_ends_at_once(kind: str, server: Any) -> None
             rec = await api.watch(start_revision=1, on_resume=lambda *a: resumed.set())
             assert await asyncio.to_thread(resumed.wait, 10)
             started = time.monotonic()
-            await rec.close()  # asserts the consumer ended (within 5s) without being cancelled
-            assert time.monotonic() - started < 5
+            await rec.close()  # asserts the consumer ended (within 10s) without being cancelled
+            assert time.monotonic() - started < 20
             assert rec.responses == []
         finally:
             await api.close()
