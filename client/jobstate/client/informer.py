@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from jobstate.client.aio import AsyncClient
 from jobstate.client.core import JobCache
-from jobstate.client.errors import OutOfRange
+from jobstate.client.errors import OutOfRange, Unavailable
 from jobstate.client.sync import Client, WatchStream
 from jobstate.v1 import job_state_pb2 as pb
 from jobstate.v1 import job_state_service_pb2 as spb
@@ -56,10 +56,20 @@ class AsyncInformer:
         self.cache.revision = first_revision
         return first_revision
 
+    async def _relist(self) -> int:
+        """Lists until it succeeds: an informer outlives a server restart (jittered backoff between tries)."""
+        attempt = 0
+        while True:
+            try:
+                return await self._list()
+            except Unavailable:
+                attempt += 1
+                await asyncio.sleep(self.client.backoff.delay(attempt))
+
     async def run(self) -> None:
         """Lists and watches until cancelled."""
         while True:
-            revision = await self._list()
+            revision = await self._relist()
             self.synced.set()
             stream = self.client.watch(node_id=self.node_id, start_revision=revision + 1)
             try:
@@ -129,10 +139,24 @@ class Informer:
             self.cache = fresh
         return first_revision
 
+    def _relist(self) -> int:
+        """Lists until it succeeds (or the informer stops: -1), backing off between tries."""
+        attempt = 0
+        while not self._stopped.is_set():
+            try:
+                return self._list()
+            except Unavailable:
+                attempt += 1
+                if self._stopped.wait(self.client.backoff.delay(attempt)):
+                    break
+        return -1
+
     def _run(self) -> None:
         try:
             while not self._stopped.is_set():
-                revision = self._list()
+                revision = self._relist()
+                if revision < 0:
+                    return
                 self._synced.set()
                 self._stream = self.client.watch(node_id=self.node_id, start_revision=revision + 1)
                 if self._stopped.is_set():
