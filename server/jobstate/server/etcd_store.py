@@ -40,7 +40,7 @@ import socket
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -687,10 +687,10 @@ class EtcdStore(Store):
         resp = await self._range(self._jobs_prefix, limit=1, keys_only=True)
         return int(resp.header.revision)
 
-    def watch(self, spec: WatchSpec) -> AsyncIterator[bytes]:
+    def watch(self, spec: WatchSpec) -> AsyncGenerator[bytes, None]:
         return self._watch(spec)
 
-    async def _watch(self, spec: WatchSpec) -> AsyncIterator[bytes]:
+    async def _watch(self, spec: WatchSpec) -> AsyncGenerator[bytes, None]:
         if self._closed:
             raise ShuttingDown("the server is shutting down")
         if self._max_watchers and len(self._watchers) >= self._max_watchers:
