@@ -180,7 +180,11 @@ async def fanout_writer(system: str, target: str, p: dict[str, Any], sync: Sync,
                 i += 1
             await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
         if inflight:
+            # Writes the server has not answered within the bound are abandoned (and not counted).
             await asyncio.wait(inflight, timeout=30)
+            for task in list(inflight):
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
     else:
         # Full speed: closed loops, each on its own share of the jobs.
         lanes = max(1, min(p["concurrency"], len(jobs)))
