@@ -106,7 +106,7 @@ class Watcher:
             spec.get("job_ids", ()),
             node_id=spec.get("node_id", ""),
             start_revision=start,
-            progress_interval=0.2,
+            progress_interval=1.0,  # bookmarks carry idle watchers to the final revision
             on_resume=self._resumed,
         )
         self.registered = asyncio.Event()

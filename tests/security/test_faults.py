@@ -119,7 +119,8 @@ def sigterm_restart(server_process: Any, tmp_path: Path, scale: dict[str, Any], 
         gen.kill()
     print(
         f"\nSIGTERM: {restarts} server restarts under load; {figures['writes']} writes acknowledged, "
-        f"{figures['unknown']} with unknown outcome, {figures['watchers']} watchers resumed {figures['resumes']} "
+        f"{figures['unknown']} attempts failed while it was down (outcome unknown), {figures['watchers']} "
+        f"watchers resumed {figures['resumes']} "
         f"times, {figures['events']} events, {figures['checked']} changes checked complete"
     )
     assert figures["resumes"] >= figures["watchers"] * restarts
