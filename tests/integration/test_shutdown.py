@@ -98,6 +98,93 @@ async def test_stop_ends_watch_streams_and_lets_in_flight_calls_finish() -> None
         await app.stop(0)
 
 
+async def test_calls_during_shutdown_get_unavailable_while_running_ones_finish() -> None:
+    """A unary call running when stop begins completes OK; a call made after is refused with UNAVAILABLE,
+    either by the service (SHUTTING_DOWN) or, once the server is gone, by the connection: never CANCELLED."""
+    store = GatedStore()
+    app = build_server(ServerConfig(host="127.0.0.1", port=0, grace=WAIT), store=store)
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            stub = spb_grpc.JobStateServiceStub(ch)
+            await stub.CreateJob(spb.CreateJobRequest(job_id="j"))
+            in_flight = asyncio.ensure_future(stub.GetJob(spb.GetJobRequest(job_id="j")))
+            await asyncio.wait_for(store.entered.wait(), WAIT)
+            stopping = asyncio.ensure_future(app.stop())
+            await eventually(lambda: app.service is not None and app.service.shutting_down)
+            # The gated call still runs, so the server is certainly still up: the service itself answers.
+            for call in (
+                stub.CreateJob(spb.CreateJobRequest(job_id="late"), timeout=WAIT),
+                stub.ListJobs(spb.ListJobsRequest(), timeout=WAIT),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert reason_of(info.value) == "SHUTTING_DOWN"
+            late_watch = stub.Watch(spb.WatchRequest(send_initial_state=True), timeout=WAIT)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await late_watch.read()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert reason_of(info.value) == "SHUTTING_DOWN"
+            assert not in_flight.done()
+            store.gate.set()
+            got = await asyncio.wait_for(in_flight, WAIT)
+            assert got.job.job_id == "j"
+            await asyncio.wait_for(stopping, WAIT)
+            # Gone now: a call is refused by the connection, still UNAVAILABLE to the client.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetJob(spb.GetJobRequest(job_id="j"), timeout=WAIT)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert store.stats().jobs == 1  # the refused create changed nothing
+    finally:
+        store.gate.set()
+        await app.stop(0)
+
+
+async def test_clients_backing_off_during_shutdown_are_never_cancelled() -> None:
+    """Clients calling in a loop while the server stops, backing off after UNAVAILABLE as the jobstate client
+    does (exponentially, from 50 ms): every answer is OK or UNAVAILABLE. grpc.aio by itself cancels the calls
+    it holds queued when its server.stop begins; the server now refuses calls itself until they stop coming.
+    (A client that never backs off can still see CANCELLED for a call sent at that very moment.)"""
+    app = build_server(ServerConfig(host="127.0.0.1", port=0, grace=WAIT))
+    await app.start()
+    codes: dict[grpc.StatusCode, int] = {}
+    stopped = asyncio.Event()
+    busy = asyncio.Event()
+
+    async def caller(i: int) -> None:
+        delay = 0.05
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            stub = spb_grpc.JobStateServiceStub(ch)
+            for n in range(100_000):  # bounded; ends once the server is gone
+                try:
+                    await stub.CreateJob(spb.CreateJobRequest(job_id=f"c{i}-{n}"), timeout=WAIT)
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                codes[code] = codes.get(code, 0) + 1
+                if codes.get(grpc.StatusCode.OK, 0) >= 200:
+                    busy.set()
+                if stopped.is_set():
+                    return
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 1.0)
+
+    try:
+        callers = [asyncio.ensure_future(caller(i)) for i in range(10)]
+        await asyncio.wait_for(busy.wait(), WAIT)
+        await asyncio.wait_for(app.stop(), WAIT + 5)
+        stopped.set()
+        await asyncio.wait_for(asyncio.gather(*callers), WAIT)
+    finally:
+        await app.stop(0)
+    answers = {c.name: n for c, n in codes.items()}
+    print(f"\nanswers while stopping under load: {answers}")
+    assert codes.get(grpc.StatusCode.UNAVAILABLE, 0) > 0
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+
+
 async def test_no_watcher_outlives_its_client(server: Any) -> None:
     def watchers() -> int:
         return int(server.run(lambda: server.store.stats().watchers))

@@ -77,6 +77,7 @@ class App:
     health: HealthServicer
     metrics: Metrics | None = None
     security: SecurityInterceptor | None = None
+    service: JobStateService | None = None
     _sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -100,16 +101,51 @@ class App:
         self._sweeper = asyncio.create_task(sweep_timeouts(self.store), name="timeout-sweeper")
 
     async def stop(self, grace: float | None = None) -> None:
+        """Health turns NOT_SERVING, watch streams end and new calls are refused with UNAVAILABLE /
+        SHUTTING_DOWN, calls already running get ``grace`` seconds (default: the config's) to finish."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.grace if grace is None else grace)
         await self.health.enter_graceful_shutdown()
         if self._sweeper is not None:  # first, so no sweep runs into a closed store
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self.service is not None:
+            self.service.begin_shutdown()
         # Watch streams end with SHUTTING_DOWN; a persistent engine refuses later writes the same way.
         await self.store.close()
-        await self.server.stop(self.config.grace if grace is None else grace)
+        if self.service is not None:
+            await settle(self.service, deadline)
+        await self.server.stop(max(0.0, deadline - loop.time()))
         if self.metrics is not None:
             await self.metrics.stop()
+
+
+# Shutdown stops the gRPC server once no call has arrived for SETTLE_QUIET seconds, or SETTLE_MAX seconds
+# after the running calls finished when clients keep calling (always within grace).
+SETTLE_QUIET = 0.05
+SETTLE_MAX = 0.5
+
+
+async def settle(service: JobStateService, deadline: float) -> None:
+    """Waits, until ``deadline`` (loop time) at most, for the running unary calls to finish and then for calls
+    to stop arriving.
+
+    grpc.aio's ``server.stop`` cancels the calls it holds queued but not yet handed to the service (the client
+    sees CANCELLED) and, when grace ends, whatever still runs. Until it is called, the service answers each new
+    call UNAVAILABLE / SHUTTING_DOWN, which clients take as "try again later or elsewhere", and running calls
+    finish.
+    """
+    loop = asyncio.get_running_loop()
+    drained_at: float | None = None
+    while (now := loop.time()) < deadline:
+        if service.in_flight:
+            drained_at = None
+        else:
+            drained_at = now if drained_at is None else drained_at
+            if time.monotonic() - service.last_call >= SETTLE_QUIET or now - drained_at >= SETTLE_MAX:
+                return
+        await asyncio.sleep(min(SETTLE_QUIET / 5, deadline - now))
 
 
 async def sweep_timeouts(store: Store) -> None:
@@ -189,7 +225,7 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
         port = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc reports a failed bind this way; say it as the OS would
         raise OSError(f"cannot listen on {address}: address in use or not available") from exc
-    return App(replace(config, port=port), server, port, store, health_servicer, metrics, security)
+    return App(replace(config, port=port), server, port, store, health_servicer, metrics, security, service)
 
 
 def check_transport(config: ServerConfig) -> grpc.ServerCredentials | None:

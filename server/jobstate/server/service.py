@@ -101,6 +101,16 @@ class JobStateService:
     def __init__(self, store: Store, observer: Observer | None = None) -> None:
         self.store = store
         self.observer = observer
+        # Set by ``begin_shutdown``: new calls get UNAVAILABLE / SHUTTING_DOWN while running ones finish.
+        self.shutting_down = False
+        # Unary calls running now, and when the last call of any kind arrived (time.monotonic): shutdown
+        # waits for both to settle before it stops the gRPC server.
+        self.in_flight = 0
+        self.last_call = 0.0
+
+    def begin_shutdown(self) -> None:
+        """From now on every new call is refused with ``ShuttingDown``; calls already running go on."""
+        self.shutting_down = True
 
     # -- unary RPCs: each takes the parsed request and returns the response message ------------------------
 
@@ -179,6 +189,9 @@ class JobStateService:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            self.last_call = time.monotonic()
+            if self.shutting_down:
+                raise errors.ShuttingDown("the server is shutting down")
             spec = self.watch_spec(_parse(spb.WatchRequest, data))
             # aclosing: a cancelled call releases its watcher now, not whenever the generator is collected.
             async with contextlib.aclosing(self.store.watch(spec)) as stream:
@@ -206,7 +219,11 @@ class JobStateService:
         async def handler(data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> message.Message:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            self.in_flight += 1
+            self.last_call = time.monotonic()
             try:
+                if self.shutting_down:
+                    raise errors.ShuttingDown("the server is shutting down")
                 return await fn(_parse(kind, data))
             except errors.JobStateError as exc:
                 code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
@@ -215,6 +232,7 @@ class JobStateService:
                 code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
+                self.in_flight -= 1
                 if observer is not None:
                     observer.observe(name, code, time.perf_counter() - start)
 
