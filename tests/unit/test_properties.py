@@ -215,7 +215,7 @@ class StoreMachine(RuleBasedStateMachine):
             rec = self.store._jobs[job_id]
             assert rec.mod_revision == self.revision + 1 + offset
             assert rec.job.state == pb.JOB_STATE_TYPE_ERROR
-            assert rec.history[-1].comment == rules.TIMEOUT_COMMENT
+            assert rec.entries()[-1].comment == rules.TIMEOUT_COMMENT
             self.commits.append(Commit(rec.mod_revision, job_id, rec.job.version, frozenset(), False))
             self.committed(type("R", (), {"job": rec.job, "revision": rec.mod_revision})())
         self.revision += count
@@ -231,8 +231,8 @@ class StoreMachine(RuleBasedStateMachine):
     def history_has_one_entry_per_version(self) -> None:
         for rec in self.store._jobs.values():
             assert len(rec.history) == rec.job.version
-            assert [e.version for e in rec.history] == list(range(1, rec.job.version + 1))
-            revs = [e.revision for e in rec.history]
+            assert [e.version for e in rec.entries()] == list(range(1, rec.job.version + 1))
+            revs = [e.revision for e in rec.entries()]
             assert revs == sorted(set(revs))
             assert revs[-1] == rec.mod_revision
 

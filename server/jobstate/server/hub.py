@@ -22,6 +22,8 @@ and never awaits, so a watcher sees either all of a change or none of it. The hu
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -92,19 +94,37 @@ def encode_response(frames: Iterable[bytes], revision: int) -> bytes:
 # --- published changes -------------------------------------------------------------------------------------
 
 
+def node_tuple(job: pb.JobState) -> tuple[str, ...]:
+    """The distinct nodes the job has executions on, interned."""
+    nodes = {e.node_id for e in job.executions}
+    return tuple(sys.intern(n) for n in nodes)
+
+
 class Change:
     """One committed change as the hub keeps it: serialized once, plus what filters need."""
 
     __slots__ = ("frame", "job_id", "nodes", "revision")
 
-    def __init__(self, revision: int, event_type: int, job: pb.JobState, time_ns: int) -> None:
+    def __init__(
+        self,
+        revision: int,
+        event_type: int,
+        job: pb.JobState,
+        time_ns: int,
+        job_bytes: bytes | None = None,
+        job_id: str | None = None,
+    ) -> None:
+        # The ring holds history_size of these, so each is kept small: the job id is the store's own string,
+        # node ids are interned (a cluster has few nodes, reused by every change), and the job is kept only
+        # as the bytes of its event.
         self.revision = revision
-        self.job_id = job.job_id
-        self.nodes = frozenset(e.node_id for e in job.executions)
-        self.frame = encode_event(event_type, revision, job.SerializeToString(), time_ns)
+        self.job_id = job_id if job_id is not None else job.job_id
+        self.nodes = node_tuple(job)
+        data = job_bytes if job_bytes is not None else job.SerializeToString()
+        self.frame = encode_event(event_type, revision, data, time_ns)
 
     @classmethod
-    def restored(cls, revision: int, job_id: str, nodes: frozenset[str], frame: bytes) -> Change:
+    def restored(cls, revision: int, job_id: str, nodes: tuple[str, ...], frame: bytes) -> Change:
         """A change read back from disk, already serialized (a persistent engine stores ``frame``)."""
         c = cls.__new__(cls)
         c.revision, c.job_id, c.nodes, c.frame = revision, job_id, nodes, frame
@@ -124,10 +144,10 @@ class WatchSpec:
 
 @dataclass(slots=True)
 class Snapshot:
-    """Every matching job at ``revision``: (job, revision of its last change, time of that change)."""
+    """Every matching job at ``revision``: (serialized JobState, revision of its last change, time of it)."""
 
     revision: int
-    jobs: list[tuple[pb.JobState, int, int]] = field(default_factory=list)
+    jobs: list[tuple[bytes, int, int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -167,6 +187,8 @@ class WatchHub:
         max_batch_bytes: int = 1 << 20,
         max_pending: int = 1024,
         max_watchers: int = 0,
+        linger_per_watcher: float = 300e-6,
+        max_linger: float = 0.05,
     ) -> None:
         if history_size < 1:
             raise ValueError("history_size must be at least 1")
@@ -178,6 +200,10 @@ class WatchHub:
         self._max_pending = max_pending
         self._max_watchers = max_watchers
         self._wake = asyncio.Event()
+        self._wake_handle: asyncio.Handle | None = None
+        self._last_wake = 0.0
+        self._linger_per_watcher = linger_per_watcher
+        self._max_linger = max_linger
         self._unfiltered = 0
         self._watchers: set[_Watcher] = set()
         self._by_job: dict[str, set[_Watcher]] = {}
@@ -276,9 +302,35 @@ class WatchHub:
             for node in c.nodes:
                 for w in self._by_node.get(node, ()):
                     self._push(w, c)
-        if self._unfiltered:
-            wake, self._wake = self._wake, asyncio.Event()
-            wake.set()
+        if self._unfiltered and self._wake_handle is None:
+            self._schedule_wake()
+
+    def _schedule_wake(self) -> None:
+        """Wakes every unfiltered watcher at once, at most once per linger interval.
+
+        A change after a quiet spell goes out at the end of this loop iteration. Under a stream of changes the
+        watchers wake once per interval and each sends everything waiting as one response: one message per
+        watcher per interval, not per change, so fan-out cost stops growing with the write rate. The interval
+        grows with the number of watchers (about what one response costs each), bounded by ``max_linger``.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # published outside a loop (tests): no one can be waiting on a timer
+            self._wake_now()
+            return
+        now = loop.time()
+        due = self._last_wake + min(self._max_linger, self._linger_per_watcher * self._unfiltered)
+        if now >= due:
+            self._wake_handle = loop.call_soon(self._wake_now)
+        else:
+            self._wake_handle = loop.call_at(due, self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_handle = None
+        with contextlib.suppress(RuntimeError):
+            self._last_wake = asyncio.get_running_loop().time()
+        wake, self._wake = self._wake, asyncio.Event()
+        wake.set()
 
     def _push(self, w: _Watcher, c: Change) -> None:
         if w.overflow:
@@ -388,8 +440,8 @@ class WatchHub:
     async def _initial(self, snap: Snapshot) -> AsyncIterator[bytes]:
         frames: list[bytes] = []
         size = 0
-        for job, revision, time_ns in snap.jobs:
-            frame = encode_event(INITIAL, revision, job.SerializeToString(), time_ns)
+        for data, revision, time_ns in snap.jobs:
+            frame = encode_event(INITIAL, revision, data, time_ns)
             frames.append(frame)
             size += len(frame)
             if size >= self._max_batch_bytes:

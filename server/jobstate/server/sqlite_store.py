@@ -32,13 +32,13 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
 from jobstate.server import rules
 from jobstate.server.errors import ShuttingDown, StoreUnavailable
 from jobstate.server.hub import DELETED, Change, WatchHub
 from jobstate.server.store import MemoryStore, Mutation, _Record
-from jobstate.v1 import job_state_pb2 as pb
 
 DB_FILE = "jobstate.db"
 LOCK_FILE = "jobstate.lock"
@@ -129,23 +129,26 @@ class SqliteStore(MemoryStore):
         head = self._meta("head") or 0
         latest = 0
         rows = self._db.execute(
-            "SELECT create_ns, mod_revision, mod_time_ns, state FROM jobs ORDER BY create_ns, job_id"
+            "SELECT job_id, create_ns, mod_revision, mod_time_ns, state FROM jobs ORDER BY create_ns, job_id"
         )
-        for create_ns, mod_revision, mod_time_ns, state in rows:
+        for job_id, create_ns, mod_revision, mod_time_ns, state in rows:
             # _add keeps the ListJobs order by appending: rows come in (create_ns, job_id) order.
-            self._add(_Record(pb.JobState.FromString(state), mod_revision, mod_time_ns, create_ns, []))
+            self._add(_Record(job_id, state, mod_revision, mod_time_ns, create_ns, []))
             latest = max(latest, mod_time_ns)
         for job_id, entry in self._db.execute("SELECT job_id, entry FROM history ORDER BY job_id, revision"):
             rec = self._jobs.get(job_id)
             if rec is not None:
-                rec.history.append(pb.JobHistoryEntry.FromString(entry))
+                rec.history.append(entry)
         events = self._db.execute(
             "SELECT revision, job_id, nodes, frame FROM events WHERE revision > ? ORDER BY revision",
             (head - self.hub.history_size,),
         )
         self.hub.restore(
             head,
-            (Change.restored(rev, job_id, frozenset(nodes.split()), frame) for rev, job_id, nodes, frame in events),
+            (
+                Change.restored(rev, job_id, tuple(sys.intern(n) for n in nodes.split()), frame)
+                for rev, job_id, nodes, frame in events
+            ),
         )
         self._revision = head
         last_event = self._db.execute("SELECT max(time_ns) FROM events").fetchone()[0] or 0
@@ -166,15 +169,15 @@ class SqliteStore(MemoryStore):
                     db.execute("DELETE FROM jobs WHERE job_id = ?", (job.job_id,))
                     db.execute("DELETE FROM history WHERE job_id = ?", (job.job_id,))
                 else:
-                    assert m.entry is not None
+                    assert m.entry_data is not None
                     timeout_ns = job.timeout_at.ToNanoseconds() if job.HasField("timeout_at") else 0
                     db.execute(
                         "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
-                        (job.job_id, m.create_ns, m.revision, m.time_ns, timeout_ns, job.SerializeToString()),
+                        (job.job_id, m.create_ns, m.revision, m.time_ns, timeout_ns, m.job_data),
                     )
                     db.execute(
                         "INSERT INTO history VALUES (?, ?, ?)",
-                        (job.job_id, m.revision, m.entry.SerializeToString()),
+                        (job.job_id, m.revision, m.entry_data),
                     )
                 event = m.event
                 db.execute(
