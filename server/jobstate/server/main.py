@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -312,5 +313,17 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
 
 
 def run(config: ServerConfig) -> int:
-    asyncio.run(serve(config))
+    """Serves ``config`` on uvloop's event loop when it is installed (measured: about twice the watch fan-out
+    throughput and a fifth more unary calls than the default loop; see the README's performance section).
+    ``JOBSTATE_EVENT_LOOP=asyncio`` keeps the default loop."""
+    loop_factory = None
+    if os.environ.get("JOBSTATE_EVENT_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            log.info("uvloop is not installed; serving on asyncio's default event loop")
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(config))
     return 0
