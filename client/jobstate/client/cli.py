@@ -95,6 +95,23 @@ def non_negative_int(text: str) -> int:
     return n
 
 
+def positive_int(text: str) -> int:
+    n = non_negative_int(text)
+    if n == 0:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return n
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        n = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not n >= 0 or n == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return n
+
+
 # --- output ------------------------------------------------------------------------------------------------
 
 
@@ -195,6 +212,10 @@ def event_line(event: spb.WatchEvent) -> str:
 # --- commands ----------------------------------------------------------------------------------------------
 
 
+class UsageError(Exception):
+    """Options that cannot work (exit 2)."""
+
+
 class Context:
     def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
         self.args = args
@@ -202,11 +223,22 @@ class Context:
         self.err = err
         self.json = args.output == "json"
 
+    def _security(self) -> dict[str, Any]:
+        """TLS files and token for the client; the client itself reads $JOBSTATE_TOKEN when --token is absent."""
+        a = self.args
+        return {name: getattr(a, name, None) for name in ("tls_ca", "tls_cert", "tls_key", "token")}
+
     def client(self) -> Client:
-        return Client(self.args.target, timeout=self.args.timeout)
+        try:
+            return Client(self.args.target, timeout=self.args.timeout, **self._security())
+        except (OSError, ValueError) as exc:  # a TLS file that cannot be read, half a key pair
+            raise UsageError(str(exc)) from exc
 
     def aclient(self) -> AsyncClient:
-        return AsyncClient(self.args.target, timeout=self.args.timeout)
+        try:
+            return AsyncClient(self.args.target, timeout=self.args.timeout, **self._security())
+        except (OSError, ValueError) as exc:
+            raise UsageError(str(exc)) from exc
 
     def emit(self, message: Message, text: Callable[[], str]) -> int:
         if self.json:
@@ -217,6 +249,7 @@ class Context:
 
 
 def cmd_serve(ctx: Context) -> int:
+    from jobstate.server import rules
     from jobstate.server.main import ServerConfig, run, setup_logging
 
     a = ctx.args
@@ -232,10 +265,22 @@ def cmd_serve(ctx: Context) -> int:
         data_dir=a.data_dir,
         etcd_endpoints=tuple(u for u in a.etcd_endpoints.split(",") if u),
         etcd_prefix=a.etcd_prefix,
+        tls_cert=a.server_tls_cert,
+        tls_key=a.server_tls_key,
+        tls_client_ca=a.tls_client_ca,
+        insecure=a.insecure,
+        auth_tokens_file=a.auth_tokens,
+        write_rate_per_client=a.write_rate,
+        write_burst_per_client=a.write_burst,
+        max_watchers_per_client=a.max_watchers_per_client,
+        max_message_bytes=a.max_message_bytes,
+        limits=rules.Limits(max_jobs=a.max_jobs, max_executions_per_job=a.max_executions_per_job),
+        keepalive_seconds=a.keepalive,
+        keepalive_timeout_seconds=a.keepalive_timeout,
     )
     try:
         return run(config)
-    except (OSError, ValueError) as exc:  # a taken port or data dir; an engine without what it needs
+    except (OSError, ValueError) as exc:  # a taken port or data dir; an engine without what it needs; unsafe TLS
         ctx.err.write(f"error: {exc}\n")
         return EXIT_API_ERROR
 
@@ -507,9 +552,24 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
-def _common() -> argparse.ArgumentParser:
-    """Options accepted both before and after the subcommand (``jobstate get J --output json``)."""
+def _common(client_security: bool = True) -> argparse.ArgumentParser:
+    """Options accepted both before and after the subcommand (``jobstate get J --output json``).
+
+    ``serve`` takes its own --tls-cert/--tls-key (the server's pair), so its copy leaves the client's out.
+    """
     p = argparse.ArgumentParser(add_help=False)
+    if client_security:
+        g = p.add_argument_group("TLS and authentication (the client's)")
+        g.add_argument("--tls-ca", metavar="FILE", default=argparse.SUPPRESS, help="use TLS, trusting this CA (PEM)")
+        g.add_argument(
+            "--tls-cert", metavar="FILE", default=argparse.SUPPRESS, help="client certificate, for mTLS (PEM)"
+        )
+        g.add_argument("--tls-key", metavar="FILE", default=argparse.SUPPRESS, help="the client certificate's key")
+        g.add_argument(
+            "--token",
+            default=argparse.SUPPRESS,
+            help="bearer token sent with every call (default: $JOBSTATE_TOKEN)",
+        )
     p.add_argument(
         "--target",
         default=argparse.SUPPRESS,
@@ -537,6 +597,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
+    serve_common = _common(client_security=False)
     parser = argparse.ArgumentParser(
         prog="jobstate",
         description="Keep the state of cluster jobs and follow every change: the server, and a client for it.",
@@ -554,16 +615,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
+    def add(
+        name: str, help_text: str, description: str = "", parent: argparse.ArgumentParser = common
+    ) -> argparse.ArgumentParser:
         return sub.add_parser(
             name,
             help=help_text,
             description=description or help_text,
-            parents=[common],
+            parents=[parent],
             formatter_class=_Formatter,
         )
 
-    p = add("serve", "run the server", "Run the jobstate server until SIGTERM or Ctrl-C.")
+    p = add("serve", "run the server", "Run the jobstate server until SIGTERM or Ctrl-C.", serve_common)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=50051, help="port to listen on (0: a free one)")
     p.add_argument("--history-size", type=non_negative_int, default=100_000, help="changes kept for watchers")
@@ -581,6 +644,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="directory of the sqlite store's database (created if missing)")
     p.add_argument("--etcd-endpoints", default="", metavar="URL[,URL...]", help="etcd members for --store etcd")
     p.add_argument("--etcd-prefix", default="/jobstate", help="key prefix of the jobs in etcd")
+    g = p.add_argument_group("security (SECURITY.md)")
+    g.add_argument("--tls-cert", dest="server_tls_cert", metavar="FILE", help="server certificate (PEM): TLS only")
+    g.add_argument("--tls-key", dest="server_tls_key", metavar="FILE", help="the server certificate's key")
+    g.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mTLS)")
+    g.add_argument(
+        "--insecure", action="store_true", help="allow plaintext on a non-loopback address (no TLS: anyone can listen)"
+    )
+    g.add_argument(
+        "--auth-tokens", metavar="FILE", help="'token role [name]' lines (reader, writer, admin); reloaded on SIGHUP"
+    )
+    g = p.add_argument_group("limits")
+    g.add_argument(
+        "--write-rate",
+        type=non_negative_float,
+        default=0.0,
+        metavar="N",
+        help="writes per second per client (0: unlimited)",
+    )
+    g.add_argument(
+        "--write-burst", type=non_negative_int, default=0, metavar="N", help="write burst per client (0: one second's)"
+    )
+    g.add_argument(
+        "--max-watchers-per-client",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="watch streams per client (0: unlimited)",
+    )
+    g.add_argument(
+        "--max-message-bytes", type=positive_int, default=8 * 1024 * 1024, metavar="N", help="largest message, each way"
+    )
+    g.add_argument("--max-jobs", type=non_negative_int, default=0, metavar="N", help="jobs held at once (0: unlimited)")
+    g.add_argument(
+        "--max-executions-per-job", type=positive_int, default=1000, metavar="N", help="executions in one job"
+    )
+    g.add_argument(
+        "--keepalive", type=duration, default=30.0, metavar="DURATION", help="ping connections this often (seconds)"
+    )
+    g.add_argument(
+        "--keepalive-timeout",
+        type=duration,
+        default=10.0,
+        metavar="DURATION",
+        help="drop a peer that does not answer a ping within this (seconds)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = add("create", "create a job", "Create a job in state NEW (version 1).")
@@ -731,6 +839,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
     except JobStateError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_API_ERROR
+    except UsageError as exc:
+        err.write(f"jobstate: error: {exc}\n")
+        return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (``jobstate watch | head -1``): not an error. Stop Python from complaining
         # again when it flushes stdout on exit.
