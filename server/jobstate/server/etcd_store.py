@@ -79,6 +79,10 @@ from jobstate.server.store import (
     decode_token,
     encode_token,
     validate_create_execution,
+    validate_create_job,
+    validate_list_jobs,
+    validate_update_execution,
+    validate_update_job_state,
 )
 from jobstate.v1 import job_state_pb2 as pb
 from jobstate.v1 import job_state_service_pb2 as spb
@@ -425,12 +429,7 @@ class EtcdStore(Store):
         return result
 
     async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "") -> WriteResult:
-        rules.validate_id(job_id, "job_id", required=False)
-        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
-        if timeout_ns < 0:
-            raise InvalidArgument("timeout must not be negative", field="timeout")
-        if timeout_ns > self.limits.max_timeout_seconds * 1_000_000_000:
-            raise InvalidArgument(f"timeout is longer than {self.limits.max_timeout_seconds} seconds", field="timeout")
+        validate_create_job(job_id, timeout_ns, comment, self.limits)
         await self._ready()
         job_id = job_id or str(uuid.uuid4())
         if self.limits.max_jobs:
@@ -456,17 +455,13 @@ class EtcdStore(Store):
     async def update_job_state(
         self, job_id: str, new_state: int, condition: spb.JobCondition | None = None, comment: str = ""
     ) -> WriteResult:
-        rules.validate_job_state(new_state, "new_state")
-        if condition is not None:
-            rules.validate_job_condition(condition)
-        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
+        validate_update_job_state(new_state, condition, comment, self.limits)
         return await self._write(
             job_id, lambda cur, now: changes.change_job_state(cur, new_state, condition, comment, now)
         )
 
     async def create_execution(self, job_id: str, execution: pb.ExecutionState, comment: str = "") -> WriteResult:
-        validate_create_execution(execution, self.limits)
-        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
+        validate_create_execution(execution, comment, self.limits)
         if not execution.compute_reference:
             # Chosen once, so that evaluating again after a lost guard does not invent a second id.
             chosen = pb.ExecutionState()
@@ -485,12 +480,7 @@ class EtcdStore(Store):
         condition: spb.ExecutionCondition | None = None,
         comment: str = "",
     ) -> WriteResult:
-        rules.validate_id(compute_reference, "compute_reference")
-        paths = rules.execution_update_paths(execution, update_mask or field_mask_pb2.FieldMask())
-        rules.validate_execution_values(execution, self.limits)
-        if condition is not None:
-            rules.validate_execution_condition(condition)
-        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
+        paths = validate_update_execution(compute_reference, execution, update_mask, condition, comment, self.limits)
         limits = self.limits
         return await self._write(
             job_id,
@@ -587,10 +577,7 @@ class EtcdStore(Store):
     async def list_jobs(
         self, states: Sequence[int] = (), node_id: str = "", page_size: int = 0, page_token: str = ""
     ) -> JobPage:
-        for s in states:
-            rules.validate_job_state(s, "states")
-        rules.validate_id(node_id, "node_id", required=False)
-        size = rules.validate_page(page_size, self.limits)
+        size = validate_list_jobs(states, node_id, page_size, self.limits)
         after: tuple[int, str] | None = None
         if page_token:
             create_ns, last_id = decode_token(page_token, (int, str))

@@ -188,7 +188,7 @@ class WatchHub:
         max_pending: int = 1024,
         max_watchers: int = 0,
         linger_per_watcher: float = 300e-6,
-        max_linger: float = 0.05,
+        max_linger: float = 0.25,
     ) -> None:
         if history_size < 1:
             raise ValueError("history_size must be at least 1")
@@ -311,7 +311,9 @@ class WatchHub:
         A change after a quiet spell goes out at the end of this loop iteration. Under a stream of changes the
         watchers wake once per interval and each sends everything waiting as one response: one message per
         watcher per interval, not per change, so fan-out cost stops growing with the write rate. The interval
-        grows with the number of watchers (about what one response costs each), bounded by ``max_linger``.
+        grows with the number of watchers (300 us each, a few times what one response costs, so fan-out keeps to a
+        share of the loop and writers are not starved), bounded by ``max_linger``. Measured with 1,000 watchers of
+        every job: a 50 ms cap starved the writer (one event per response, 10k events/s); 250 ms gave 245k events/s.
         """
         try:
             loop = asyncio.get_running_loop()

@@ -156,10 +156,58 @@ def decode_token(token: str, shape: tuple[type, ...]) -> list[object]:
 # --- validation shared by engines --------------------------------------------------------------------------
 
 
-def validate_create_execution(execution: pb.ExecutionState, limits: rules.Limits) -> None:
+# Each engine calls these first, so a request is judged the same way whatever stores it.
+
+
+def validate_create_job(job_id: str, timeout_ns: int, comment: str, limits: rules.Limits) -> None:
+    rules.validate_id(job_id, "job_id", required=False)
+    rules.validate_text(comment, "comment", limits.max_comment_bytes)
+    if timeout_ns < 0:
+        raise InvalidArgument("timeout must not be negative", field="timeout")
+    if timeout_ns > limits.max_timeout_seconds * 1_000_000_000:
+        raise InvalidArgument(f"timeout is longer than {limits.max_timeout_seconds} seconds", field="timeout")
+
+
+def validate_update_job_state(
+    new_state: int, condition: spb.JobCondition | None, comment: str, limits: rules.Limits
+) -> None:
+    rules.validate_job_state(new_state, "new_state")
+    if condition is not None:
+        rules.validate_job_condition(condition)
+    rules.validate_text(comment, "comment", limits.max_comment_bytes)
+
+
+def validate_create_execution(execution: pb.ExecutionState, comment: str, limits: rules.Limits) -> None:
     rules.validate_id(execution.node_id, "execution.node_id")
     rules.validate_id(execution.compute_reference, "execution.compute_reference", required=False)
     rules.validate_execution_values(execution, limits)
+    rules.validate_text(comment, "comment", limits.max_comment_bytes)
+
+
+def validate_update_execution(
+    compute_reference: str,
+    execution: pb.ExecutionState,
+    update_mask: field_mask_pb2.FieldMask | None,
+    condition: spb.ExecutionCondition | None,
+    comment: str,
+    limits: rules.Limits,
+) -> list[str]:
+    """Validates an UpdateExecution and returns the field paths it changes."""
+    rules.validate_id(compute_reference, "compute_reference")
+    paths = rules.execution_update_paths(execution, update_mask or field_mask_pb2.FieldMask())
+    rules.validate_execution_values(execution, limits)
+    if condition is not None:
+        rules.validate_execution_condition(condition)
+    rules.validate_text(comment, "comment", limits.max_comment_bytes)
+    return paths
+
+
+def validate_list_jobs(states: Sequence[int], node_id: str, page_size: int, limits: rules.Limits) -> int:
+    """Validates a ListJobs and returns the page size to use."""
+    for s in states:
+        rules.validate_job_state(s, "states")
+    rules.validate_id(node_id, "node_id", required=False)
+    return rules.validate_page(page_size, limits)
 
 
 class _Clock:
@@ -286,12 +334,7 @@ class MemoryStore(Store):
     # -- writes --------------------------------------------------------------------------------------------
 
     async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "") -> WriteResult:
-        rules.validate_id(job_id, "job_id", required=False)
-        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
-        if timeout_ns < 0:
-            raise InvalidArgument("timeout must not be negative", field="timeout")
-        if timeout_ns > self.limits.max_timeout_seconds * 1_000_000_000:
-            raise InvalidArgument(f"timeout is longer than {self.limits.max_timeout_seconds} seconds", field="timeout")
+        validate_create_job(job_id, timeout_ns, comment, self.limits)
         job_id = job_id or str(uuid.uuid4())
         if job_id in self._jobs:
             raise JobAlreadyExists(f"job {job_id!r} already exists", job_id=job_id)
@@ -305,18 +348,14 @@ class MemoryStore(Store):
     async def update_job_state(
         self, job_id: str, new_state: int, condition: spb.JobCondition | None = None, comment: str = ""
     ) -> WriteResult:
-        rules.validate_job_state(new_state, "new_state")
-        if condition is not None:
-            rules.validate_job_condition(condition)
-        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
+        validate_update_job_state(new_state, condition, comment, self.limits)
         rec = self._record(job_id)
         now = self._clock.now()
         change = changes.change_job_state(rec.job, new_state, condition, comment, now)
         return self._commit(rec, change, UPDATED, now)
 
     async def create_execution(self, job_id: str, execution: pb.ExecutionState, comment: str = "") -> WriteResult:
-        validate_create_execution(execution, self.limits)
-        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
+        validate_create_execution(execution, comment, self.limits)
         rec = self._record(job_id)
         now = self._clock.now()
         change = changes.add_execution(rec.job, execution, comment, now, self.limits)
@@ -331,12 +370,7 @@ class MemoryStore(Store):
         condition: spb.ExecutionCondition | None = None,
         comment: str = "",
     ) -> WriteResult:
-        rules.validate_id(compute_reference, "compute_reference")
-        paths = rules.execution_update_paths(execution, update_mask or field_mask_pb2.FieldMask())
-        rules.validate_execution_values(execution, self.limits)
-        if condition is not None:
-            rules.validate_execution_condition(condition)
-        rules.validate_text(comment, "comment", self.limits.max_comment_bytes)
+        paths = validate_update_execution(compute_reference, execution, update_mask, condition, comment, self.limits)
         rec = self._record(job_id)
         now = self._clock.now()
         change = changes.change_execution(
@@ -392,10 +426,7 @@ class MemoryStore(Store):
     async def list_jobs(
         self, states: Sequence[int] = (), node_id: str = "", page_size: int = 0, page_token: str = ""
     ) -> JobPage:
-        for s in states:
-            rules.validate_job_state(s, "states")
-        rules.validate_id(node_id, "node_id", required=False)
-        size = rules.validate_page(page_size, self.limits)
+        size = validate_list_jobs(states, node_id, page_size, self.limits)
         start = 0
         if page_token:
             create_ns, last_id = decode_token(page_token, (int, str))
