@@ -373,7 +373,8 @@ class Etcd(Backend):
 
 
 def make(name: str, target: str) -> Backend:
-    return Jobstate(target) if name == "jobstate" else Etcd(target)
+    """The client of system ``name``: jobstate on any engine ("jobstate", "jobstate-sqlite", ...) or etcd."""
+    return Jobstate(target) if name.startswith("jobstate") else Etcd(target)
 
 
 async def get_token(b: Backend, job_id: str) -> Token:

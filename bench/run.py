@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,26 @@ class Sizes:
 
 FULL = Sizes(2.0, 32, (1, 10, 100, 1000), (1000.0, 0.0), ("all", "single"), 16, 100_000, 1000, 100_000, 64, 20.0)
 QUICK = Sizes(0.5, 32, (100,), (1000.0, 0.0), ("all", "single"), 16, 2_000, 200, 5_000, 32, 8.0)
+
+# jobstate on sqlite and on etcd: the scenarios that show what durability and distribution cost (CAS, fan-out to
+# 100 watchers of every job, initial sync, catch-up, memory), at smaller counts: each of their writes commits to
+# the disk or to etcd, so populating 100,000 jobs would take most of the run. No idle-watcher row (0).
+ENGINE_FULL = replace(FULL, watchers=(100,), modes=("all",), jobs=20_000, idle_watchers=0, behind=50_000)
+ENGINE_QUICK = replace(
+    QUICK, duration=0.25, watchers=(100,), modes=("all",), jobs=300, idle_watchers=0, behind=1_000, drain=5.0
+)
+
+# The systems ``--systems`` accepts, in table order: the column each gets and the engine it runs on.
+SYSTEMS = {"jobstate": "memory", "jobstate-sqlite": "sqlite", "jobstate-etcd": "etcd", "etcd": ""}
+ENGINES = {"jobstate-sqlite": "jobstate (sqlite)", "jobstate-etcd": "jobstate (on etcd)"}
+ENGINE_KEY = {"jobstate-sqlite": "sqlite", "jobstate-etcd": "on_etcd"}  # their keys in the JSON table
+SHORT = {"jobstate-sqlite": "sqlite", "jobstate-etcd": "on-etcd"}  # in column names and notes
+
+
+def sizes_of(system: str, quick: bool) -> Sizes:
+    if system in ENGINES:
+        return ENGINE_QUICK if quick else ENGINE_FULL
+    return QUICK if quick else FULL
 
 
 def new_sync(procs: int) -> Sync:
@@ -106,10 +126,13 @@ class Procs:
         self.running.clear()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """User + system CPU time of processes ``pids`` so far (a server and its helpers: jobstate's etcd)."""
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def wait_until(pred: Any, timeout: float, what: str) -> None:
@@ -123,21 +146,20 @@ def wait_until(pred: Any, timeout: float, what: str) -> None:
 class Profiler(AbstractContextManager["Profiler"]):
     """py-spy sampling the server while a scenario runs (``--profile``); collapsed stacks to ``path``."""
 
-    def __init__(self, pid: int | None, seconds: float, path: Path) -> None:
+    def __init__(self, pid: int, seconds: float, path: Path) -> None:
         self.pid, self.seconds, self.path = pid, seconds, path
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Profiler:
-        if self.pid is not None:
-            spy = Path(sys.executable).with_name("py-spy")
-            self.proc = subprocess.Popen(
-                [
-                    *(str(spy), "record", "--pid", str(self.pid), "--duration", str(max(1, round(self.seconds)))),
-                    *("--rate", "200", "--format", "raw", "--nonblocking", "-o", str(self.path)),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        spy = Path(sys.executable).with_name("py-spy")
+        self.proc = subprocess.Popen(
+            [
+                *(str(spy), "record", "--pid", str(self.pid), "--duration", str(max(1, round(self.seconds)))),
+                *("--rate", "200", "--format", "raw", "--nonblocking", "-o", str(self.path)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -153,7 +175,14 @@ class Profiler(AbstractContextManager["Profiler"]):
 
 
 def run_cas(
-    system: str, target: str, sz: Sizes, shared: bool, uv: bool, server_pid: int, profile: bool, tag: str
+    system: str,
+    target: str,
+    sz: Sizes,
+    shared: bool,
+    uv: bool,
+    server_pids: tuple[int, ...],
+    profile: bool,
+    tag: str,
 ) -> dict[str, Any]:
     run = f"cas-{'shared' if shared else 'distinct'}-{time.monotonic_ns()}"
     per_proc = sz.cas_writers // 2
@@ -172,11 +201,11 @@ def run_cas(
         for i in range(2):
             procs.spawn("cas", {"jobs": jobs[i * per_proc : (i + 1) * per_proc], "duration": sz.duration}, i)
         time.sleep(0.5)  # let every process connect and read its tokens before the clock starts
-        cpu0 = cpu_seconds(server_pid)
-        with Profiler(server_pid, sz.duration, RESULTS / f"profile-{tag}.txt") if profile else _null():
+        cpu0 = cpu_seconds(server_pids)
+        with Profiler(server_pids[0], sz.duration, RESULTS / f"profile-{tag}.txt") if profile else _null():
             sync.go.set()
             rs = procs.results()
-        cpu = cpu_seconds(server_pid) - cpu0
+        cpu = cpu_seconds(server_pids) - cpu0
     finally:
         procs.kill()
     hist = Hist()
@@ -208,7 +237,7 @@ def run_fanout(
     mode: str,
     rate: float,
     uv: bool,
-    server_pid: int,
+    server_pids: tuple[int, ...],
     profile: bool = False,
     tag: str = "",
 ) -> dict[str, Any]:
@@ -230,8 +259,8 @@ def run_fanout(
         )
         writer_proc, writer_conn = procs.running[-1]
         wait_until(lambda: sync.t_start.value != 0 or not writer_proc.is_alive(), 180, "fan-out warm-up")
-        cpu0 = cpu_seconds(server_pid)
-        with Profiler(server_pid, sz.duration, RESULTS / f"profile-{tag}.txt") if profile else _null():
+        cpu0 = cpu_seconds(server_pids)
+        with Profiler(server_pids[0], sz.duration, RESULTS / f"profile-{tag}.txt") if profile else _null():
             if not writer_conn.poll(sz.duration + 60):
                 raise TimeoutError("fan-out writer gave no result")
         w = writer_conn.recv()
@@ -255,7 +284,7 @@ def run_fanout(
             elif time.monotonic() - last_change > 3:
                 break
             time.sleep(0.05)
-        cpu = cpu_seconds(server_pid) - cpu0
+        cpu = cpu_seconds(server_pids) - cpu0
         sync.stop.set()
         rs = procs.results()
     finally:
@@ -330,6 +359,7 @@ def run_population(system: str, srv: servers.Server, sz: Sizes, uv: bool) -> dic
         "jobs": sz.jobs,
         "writes_per_s": 3 * sz.jobs / elapsed,
         "rss_after": after,
+        "disk_per_job": disk / sz.jobs if (disk := srv.disk()) is not None else None,
     }
 
 
@@ -343,16 +373,17 @@ def run_reads(system: str, target: str, sz: Sizes, uv: bool) -> dict[str, Any]:
     return r
 
 
-def run_system(system: str, sz: Sizes, args: argparse.Namespace) -> dict[str, Any]:
+def run_system(system: str, args: argparse.Namespace) -> dict[str, Any]:
     uv = args.uvloop
+    sz = sizes_of(system, args.quick)
     out: dict[str, Any] = {"cas": {}, "fanout": {}}
     history = max(100_000, sz.behind)
     profile = args.profile and system == "jobstate"
 
     def server() -> AbstractContextManager[servers.Server]:
-        if system == "jobstate":
-            return servers.jobstate_server(history, uvloop=uv, source=args.source_dir)
-        return servers.etcd_server()
+        if system == "etcd":
+            return servers.etcd_server()
+        return servers.jobstate_server(history, uvloop=uv, source=args.source_dir, store=SYSTEMS[system])
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {system}: {msg}", file=sys.stderr, flush=True)
@@ -360,7 +391,7 @@ def run_system(system: str, sz: Sizes, args: argparse.Namespace) -> dict[str, An
     with server() as srv:
         for shared in (False, True):
             key = "shared" if shared else "distinct"
-            out["cas"][key] = r = run_cas(system, srv.target, sz, shared, uv, srv.pid, profile and not shared, "cas")
+            out["cas"][key] = r = run_cas(system, srv.target, sz, shared, uv, srv.pids, profile and not shared, "cas")
             log(
                 f"cas {key}: {r['throughput']:.0f}/s p99 {r['p99']:.2f} ms conflicts {r['conflict_rate']:.1%}, "
                 f"server {r['server_cpu_us_per_write']:.0f} us CPU a write"
@@ -371,7 +402,7 @@ def run_system(system: str, sz: Sizes, args: argparse.Namespace) -> dict[str, An
                     key = f"{mode}/{n}/{'full' if not rate else int(rate)}"
                     prof = profile and mode == "all" and n == 100
                     tag = f"fanout-{mode}-{n}-{'full' if not rate else int(rate)}"
-                    out["fanout"][key] = r = run_fanout(system, srv.target, sz, n, mode, rate, uv, srv.pid, prof, tag)
+                    out["fanout"][key] = r = run_fanout(system, srv.target, sz, n, mode, rate, uv, srv.pids, prof, tag)
                     log(
                         f"fan-out {key}: {r['throughput']:.0f} ev/s, {r['writes_per_s']:.0f} w/s, "
                         f"p99 {r['p99'] or 0:.2f} ms, {r['received']}/{r['expected']}, "
@@ -381,8 +412,9 @@ def run_system(system: str, sz: Sizes, args: argparse.Namespace) -> dict[str, An
     with server() as srv:
         out["memory"] = r = run_population(system, srv, sz, uv)
         log(f"population: {r['per_job']:.0f} B/job, {r['writes_per_s']:.0f} writes/s")
-        out["idle"] = r = run_idle_watchers(system, srv, sz.idle_watchers, uv)
-        log(f"idle watchers: {r['per_watcher'] / 1024:.1f} KiB each")
+        if sz.idle_watchers:
+            out["idle"] = r = run_idle_watchers(system, srv, sz.idle_watchers, uv)
+            log(f"idle watchers: {r['per_watcher'] / 1024:.1f} KiB each")
         out["reads"] = r = run_reads(system, srv.target, sz, uv)
         log(f"initial sync {r['listed']} in {r['sync_s']:.2f}s; catch-up {r['events']} in {r['catch_s']:.2f}s")
     return out
@@ -421,6 +453,7 @@ def machine() -> dict[str, Any]:
         "etcd": servers.etcd_version(),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "jobstate_source": _describe_source(),
+        "sqlite_fs": servers.filesystem_of(servers.SQLITE_BASE or tempfile.gettempdir()),
     }
 
 
@@ -447,27 +480,85 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
-def rows(res: dict[str, dict[str, Any]], sz: Sizes) -> list[dict[str, Any]]:
+def _ratio_of(a: dict[str, Any], b: dict[str, Any], k: str) -> float | None:
+    return (a[k] / b[k]) if a.get(k) and b.get(k) else None
+
+
+def _lost(r: dict[str, Any]) -> bool:
+    return bool(r["received"] < r["expected"] * 0.999)
+
+
+def _engine_note(system: str, what: str, r: dict[str, Any] | None) -> str:
+    """The notes of one engine column on one row: ``what`` picks the figures."""
+    if not r:
+        return ""
+    who = SHORT[system]
+    cpu = "jobstate + etcd CPU" if system == "jobstate-etcd" else "server CPU"
+    if what == "cas":
+        return f"{who}: conflicts {r['conflict_rate']:.0%}, {cpu} a write {r['server_cpu_us_per_write']:.0f} us"
+    if what == "fanout":
+        text = f"{who}: writes/s {r['writes_per_s']:,.0f}, {cpu} an event {r['server_cpu_us_per_event']:.0f} us"
+        return text + (f", got {r['received']}/{r['expected']}" if _lost(r) else "")
+    if what in ("sync_s", "catch_s"):
+        return f"{who}: {_f(r[what])} s"
+    if what == "memory":
+        rss = "jobstate + etcd RSS" if system == "jobstate-etcd" else "RSS"
+        disk = f", {r['disk_per_job']:,.0f} B on disk" if r.get("disk_per_job") is not None else ""
+        return f"{who}: {rss} {_f(r['per_job'])} B a job{disk}"
+    return ""
+
+
+def rows(res: dict[str, dict[str, Any]], quick: bool) -> list[dict[str, Any]]:
+    """The table: one row a scenario, jobstate (memory) vs etcd, and when run the engines' figures beside them."""
+    sz, esz = sizes_of("jobstate", quick), sizes_of("jobstate-sqlite", quick)
     js, et = res.get("jobstate", {}), res.get("etcd", {})
+    engines = [s for s in ENGINES if s in res]
     out: list[dict[str, Any]] = []
 
-    def add(name: str, unit: str, a: dict[str, Any] | None, b: dict[str, Any] | None, note: str = "") -> None:
+    def add(
+        name: str,
+        unit: str,
+        a: dict[str, Any] | None,
+        b: dict[str, Any] | None,
+        note: str = "",
+        extra: dict[str, dict[str, Any] | None] | None = None,
+        what: str = "",
+    ) -> None:
         a, b = a or {}, b or {}
-        out.append(
-            {
-                "scenario": name,
-                "unit": unit,
-                "jobstate": a.get("throughput"),
-                "etcd": b.get("throughput"),
-                "ratio": (a["throughput"] / b["throughput"]) if a.get("throughput") and b.get("throughput") else None,
-                "jobstate_p50": a.get("p50"),
-                "etcd_p50": b.get("p50"),
-                "jobstate_p99": a.get("p99"),
-                "etcd_p99": b.get("p99"),
-                "p99_ratio": (a["p99"] / b["p99"]) if a.get("p99") and b.get("p99") else None,
-                "note": note,
-            }
-        )
+        row = {
+            "scenario": name,
+            "unit": unit,
+            "jobstate": a.get("throughput"),
+            "etcd": b.get("throughput"),
+            "ratio": _ratio_of(a, b, "throughput"),
+            "jobstate_p50": a.get("p50"),
+            "etcd_p50": b.get("p50"),
+            "jobstate_p99": a.get("p99"),
+            "etcd_p99": b.get("p99"),
+            "p99_ratio": _ratio_of(a, b, "p99"),
+            "note": note,
+        }
+        notes = [note] if note else []
+        for system in engines:
+            key = ENGINE_KEY[system]
+            e = (extra or {}).get(system) or {}
+            row[key] = e.get("throughput")
+            row[f"{key}_ratio"] = _ratio_of(e, b, "throughput")
+            row[f"{key}_p50"] = e.get("p50")
+            row[f"{key}_p99"] = e.get("p99")
+            if n := _engine_note(system, what, (extra or {}).get(system + ":raw")):
+                notes.append(n)
+        row["note"] = "; ".join(notes)
+        out.append(row)
+
+    def eng(part: str, key: str | None = None) -> dict[str, dict[str, Any] | None]:
+        """Each engine's result of ``part`` (and ``key`` in it), as the row's figures and as its raw result."""
+        got: dict[str, dict[str, Any] | None] = {}
+        for system in engines:
+            r = res[system].get(part)
+            r = r.get(key) if (r is not None and key is not None) else r
+            got[system] = got[system + ":raw"] = r
+        return got
 
     for key, label in (("distinct", "distinct jobs"), ("shared", "one shared job")):
         a, b = js.get("cas", {}).get(key), et.get("cas", {}).get(key)
@@ -477,8 +568,11 @@ def rows(res: dict[str, dict[str, Any]], sz: Sizes) -> list[dict[str, Any]]:
                 f"conflicts {a['conflict_rate']:.0%} / {b['conflict_rate']:.0%}; server CPU a write "
                 f"{a['server_cpu_us_per_write']:.0f} / {b['server_cpu_us_per_write']:.0f} us"
             )
-        add(f"CAS, {sz.cas_writers} writers, {label}", "writes/s", a, b, note)
-    for key in js.get("fanout", {}) | et.get("fanout", {}):
+        add(f"CAS, {sz.cas_writers} writers, {label}", "writes/s", a, b, note, eng("cas", key), "cas")
+    keys: dict[str, None] = {}
+    for s in res.values():
+        keys |= dict.fromkeys(s.get("fanout", {}))
+    for key in keys:
         mode, n, rate = key.split("/")
         a, b = js.get("fanout", {}).get(key), et.get("fanout", {}).get(key)
         what = "all jobs" if mode == "all" else "one job each"
@@ -491,45 +585,63 @@ def rows(res: dict[str, dict[str, Any]], sz: Sizes) -> list[dict[str, Any]]:
                 f"{a['server_cpu_us_per_event']:.0f} / {b['server_cpu_us_per_event']:.0f} us"
             )
             lost = [f"{s} got {r['received']}/{r['expected']}" for s, r in (("js", a), ("etcd", b))]
-            if any(r["received"] < r["expected"] * 0.999 for r in (a, b)):
+            if any(_lost(r) for r in (a, b)):
                 note += "; " + ", ".join(lost)
-        add(f"fan-out, {n} watchers of {what}, {speed}", "events/s", a, b, note)
+        add(f"fan-out, {n} watchers of {what}, {speed}", "events/s", a, b, note, eng("fanout", key), "fanout")
+
+    def also(what: str) -> str:
+        """The row name's mention of the engines' smaller counts."""
+        return f" (engines: {what})" if engines else ""
+
     ra, rb = js.get("reads"), et.get("reads")
-    if ra or rb:
+    er = eng("reads")
+    if ra or rb or any(er.values()):
 
         def rd(r: dict[str, Any] | None, k: str, n: str) -> dict[str, Any] | None:
             return {"throughput": r[n] / r[k]} if r else None
 
-        note = f"{_f(ra['sync_s'] if ra else None)} s / {_f(rb['sync_s'] if rb else None)} s"
+        note = f"{_f(ra['sync_s'] if ra else None)} s / {_f(rb['sync_s'] if rb else None)} s" if ra or rb else ""
+        sync = {s: rd(r, "sync_s", "listed") if ":" not in s else r for s, r in er.items()}
         add(
-            f"initial sync, list then watch {sz.jobs:,} jobs",
+            f"initial sync, list then watch {sz.jobs:,} jobs{also(f'{esz.jobs:,}')}",
             "jobs/s",
             rd(ra, "sync_s", "listed"),
             rd(rb, "sync_s", "listed"),
             note,
+            sync,
+            "sync_s",
         )
-        note = f"{_f(ra['catch_s'] if ra else None)} s / {_f(rb['catch_s'] if rb else None)} s"
+        note = f"{_f(ra['catch_s'] if ra else None)} s / {_f(rb['catch_s'] if rb else None)} s" if ra or rb else ""
+        catch = {s: rd(r, "catch_s", "events") if ":" not in s else r for s, r in er.items()}
+        behind = {r["behind"] for s, r in er.items() if r and ":" not in s}
         add(
-            f"catch-up, {sz.behind:,} revisions behind",
+            f"catch-up, {sz.behind:,} revisions behind{also(', '.join(f'{n:,}' for n in sorted(behind)))}",
             "events/s",
             rd(ra, "catch_s", "events"),
             rd(rb, "catch_s", "events"),
             note,
+            catch,
+            "catch_s",
         )
+
+    def mm(r: dict[str, Any] | None, k: str, s: float) -> dict[str, Any] | None:
+        return {"throughput": r[k] * s / 2**20} if r else None
+
     ma, mb = js.get("memory"), et.get("memory")
-    if ma or mb:
+    em = eng("memory")
+    if ma or mb or any(em.values()):
         scale = 100_000 / sz.jobs
-
-        def mm(r: dict[str, Any] | None, k: str, s: float) -> dict[str, Any] | None:
-            return {"throughput": r[k] * s / 2**20} if r else None
-
-        note = f"{_f(ma['per_job'] if ma else None)} B / {_f(mb['per_job'] if mb else None)} B a job"
+        note = ""
+        if ma or mb:
+            note = f"{_f(ma['per_job'] if ma else None)} B / {_f(mb['per_job'] if mb else None)} B a job"
         add(
-            "memory: RSS per 100,000 jobs, 2 executions each",
+            f"memory: RSS per 100,000 jobs, 2 executions each{also(f'scaled from {esz.jobs:,}')}",
             "MiB",
             mm(ma, "bytes", scale),
             mm(mb, "bytes", scale),
             note,
+            {s: mm(r, "bytes", 100_000 / esz.jobs) if ":" not in s else r for s, r in em.items()},
+            "memory",
         )
     ia, ib = js.get("idle"), et.get("idle")
     if ia or ib:
@@ -543,20 +655,50 @@ def rows(res: dict[str, dict[str, Any]], sz: Sizes) -> list[dict[str, Any]]:
 
 
 def markdown(table: list[dict[str, Any]], info: dict[str, Any], quick: bool, args: argparse.Namespace) -> str:
-    head = (
-        "| scenario | unit | jobstate | etcd | jobstate/etcd | p50 ms jobstate | p50 ms etcd "
-        "| p99 ms jobstate | p99 ms etcd | p99 jobstate/etcd | notes (jobstate / etcd) |\n"
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n"
-    )
-    lines = [
-        f"| {r['scenario']} | {r['unit']} | {_f(r['jobstate'])} | {_f(r['etcd'])} | {_ratio(r['jobstate'], r['etcd'])} "
-        f"| {_f(r['jobstate_p50'])} | {_f(r['etcd_p50'])} | {_f(r['jobstate_p99'])} | {_f(r['etcd_p99'])} "
-        f"| {_ratio(r['jobstate_p99'], r['etcd_p99'])} | {r['note']} |"
-        for r in table
-    ]
+    engines = [s for s in ENGINES if table and ENGINE_KEY[s] in table[0]]
+    cols = ["scenario", "unit", "jobstate", "etcd", "jobstate/etcd"]
+    for s in engines:
+        cols += [ENGINES[s], f"{SHORT[s]}/etcd"]
+    cols += ["p50 ms jobstate", "p50 ms etcd", "p99 ms jobstate", "p99 ms etcd", "p99 jobstate/etcd"]
+    cols += [f"p50 / p99 ms {SHORT[s]}" for s in engines]
+    cols += ["notes (jobstate / etcd" + ("; engines)" if engines else ")")]
+    aligns = ["---", "---"] + ["---:"] * (len(cols) - 3) + ["---"]  # text, figures, notes
+    head = "| " + " | ".join(cols) + " |\n| " + " | ".join(aligns) + " |\n"
+
+    def line(r: dict[str, Any]) -> str:
+        cells = [r["scenario"], r["unit"], _f(r["jobstate"]), _f(r["etcd"]), _ratio(r["jobstate"], r["etcd"])]
+        for s in engines:
+            k = ENGINE_KEY[s]
+            cells += [_f(r[k]), _ratio(r[k], r["etcd"])]
+        cells += [_f(r["jobstate_p50"]), _f(r["etcd_p50"]), _f(r["jobstate_p99"]), _f(r["etcd_p99"])]
+        cells += [_ratio(r["jobstate_p99"], r["etcd_p99"])]
+        for s in engines:
+            k = ENGINE_KEY[s]
+            cells.append("-" if r[f"{k}_p99"] is None else f"{_f(r[f'{k}_p50'])} / {_f(r[f'{k}_p99'])}")
+        cells.append(r["note"])
+        return "| " + " | ".join(cells) + " |"
+
+    lines = [line(r) for r in table]
     m = info
     title = "QUICK run (small counts; memory scaled up from them)" if quick else "Full run"
     flags = (" --uvloop" if args.uvloop else "") + (f" --source {args.source}" if args.source else "")
+    esz = sizes_of("jobstate-sqlite", quick)
+    about = ""
+    if "jobstate-sqlite" in engines:
+        about += (
+            f" jobstate (sqlite): `--store sqlite`, its data dir a fresh folder under {servers.SQLITE_BASE} "
+            f"({m['sqlite_fs']}), removed after; WAL, an fsync a commit (synchronous=FULL)."
+        )
+    if "jobstate-etcd" in engines:
+        about += (
+            " jobstate (on etcd): `--store etcd`, one jobstate server on a single-member etcd of its own "
+            "(started as the etcd column's, data dir on tmpfs); its CPU and memory figures count both processes."
+        )
+    if engines:
+        about += (
+            " The engines run fewer scenarios (CAS; fan-out to 100 watchers of every job; initial sync, catch-up "
+            f"and memory from {esz.jobs:,} jobs, as the row names say); their ratio columns are engine/etcd."
+        )
     return (
         f"# jobstate vs etcd: {title}\n\n"
         f"{m['date']} · {m['cores']} cores, {m['cpu']}, {m['memory_gib']} GiB · Python {m['python']}, "
@@ -568,7 +710,7 @@ def markdown(table: list[dict[str, Any]], info: dict[str, Any], quick: bool, arg
         "one fan-out writer process), the same layout and the same thin grpc.aio layer for both systems. "
         "Throughput: higher is better; latency and memory: lower is better. Latency of writes is the call's "
         "round trip; of fan-out, send-to-receipt (the writer stamps its send time in the payload). etcd's data "
-        "dir is on tmpfs.\n\n" + head + "\n".join(lines) + "\n"
+        f"dir is on tmpfs.{about}\n\n" + head + "\n".join(lines) + "\n"
     )
 
 
@@ -648,7 +790,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts: the whole run in under a minute")
     ap.add_argument("--uvloop", action="store_true", help="server and clients on uvloop's event loop")
     ap.add_argument("--profile", action="store_true", help="py-spy the jobstate server under CAS and fan-out")
-    ap.add_argument("--systems", default="jobstate,etcd", help="comma-separated subset of jobstate,etcd")
+    ap.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (jobstate: the memory engine)",
+    )
     ap.add_argument("--out", default="", help="file stem under bench/results (default: latest, or quick)")
     ap.add_argument("--source", default="", help="run the jobstate server of this git revision (default: work tree)")
     args = ap.parse_args(argv)
@@ -661,12 +807,16 @@ def _main(args: argparse.Namespace) -> int:
     sz = QUICK if args.quick else FULL
     systems = [s for s in args.systems.split(",") if s]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if "etcd" in systems:
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"unknown system(s) {', '.join(unknown)}: choose from {', '.join(SYSTEMS)}")
+    systems = [s for s in SYSTEMS if s in systems]  # table order, whatever the order asked
+    if "etcd" in systems or "jobstate-etcd" in systems:
         servers.ensure_etcd()
     t0 = time.monotonic()
-    res = {s: run_system(s, sz, args) for s in systems}
+    res = {s: run_system(s, args) for s in systems}
     info = machine()
-    table = rows(res, sz)
+    table = rows(res, args.quick)
     md = markdown(table, info, args.quick, args)
     goals = targets(res)
     if goals:
@@ -685,6 +835,7 @@ def _main(args: argparse.Namespace) -> int:
                 "quick": args.quick,
                 "uvloop": args.uvloop,
                 "sizes": sz.__dict__,
+                "engine_sizes": sizes_of("jobstate-sqlite", args.quick).__dict__,
                 "table": table,
                 "raw": res,
             },

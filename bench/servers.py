@@ -72,42 +72,101 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=5)
 
 
+def filesystem_of(path: str) -> str:
+    """The type and device of the filesystem holding ``path`` (from /proc/mounts), e.g. "ext4 on /dev/vda"."""
+    real = os.path.realpath(path)
+    best, desc = "", "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mnt, fstype = line.split()[:3]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, desc = mnt, f"{fstype} on {dev}"
+    return desc
+
+
+# The sqlite engine's data dir: under /tmp, as a user's would be on a disk (not /dev/shm): its fsyncs are the
+# cost of durability. The table's header says which filesystem /tmp is.
+SQLITE_BASE = "/tmp" if os.path.isdir("/tmp") else None
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 class Server:
-    def __init__(self, name: str, proc: subprocess.Popen[bytes], target: str) -> None:
+    """A server under test: its process, and the processes it needs (jobstate on etcd: its etcd)."""
+
+    def __init__(
+        self,
+        name: str,
+        proc: subprocess.Popen[bytes],
+        target: str,
+        helpers: tuple[int, ...] = (),
+        data_dir: Path | None = None,
+    ) -> None:
         self.name = name
         self.proc = proc
         self.target = target
+        self.helpers = helpers
+        self.data_dir = data_dir
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """The server's process and its helpers': what a user runs, so CPU and memory count all of them."""
+        return (self.proc.pid, *self.helpers)
+
     def rss(self) -> int:
-        return rss_bytes(self.proc.pid)
+        return sum(rss_bytes(p) for p in self.pids)
+
+    def disk(self) -> int | None:
+        return dir_bytes(self.data_dir) if self.data_dir else None
 
 
 @contextlib.contextmanager
-def jobstate_server(history_size: int, uvloop: bool = False, source: Path | None = None) -> Iterator[Server]:
-    """The server as ``jobstate serve`` starts it; from ``source`` (an exported tree) instead of this one if set."""
-    port = free_port()
-    env = dict(os.environ)
-    if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(source / d) for d in ("server", "client", "gen")] + [str(REPO)])
-    args = ["--host", HOST, "--port", str(port), "--history-size", str(history_size)]
-    # The harness's own launcher installs uvloop's event loop before the server starts; otherwise the
-    # server runs exactly as a user starts it.
-    module = ["-m", "bench.uvserve"] if uvloop else ["-m", "jobstate", "serve"]
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally, after the server stops
-    proc = subprocess.Popen([sys.executable, *module, *args], cwd=REPO, stdout=log, stderr=log, env=env)
-    try:
-        _wait_port(port, proc)
-        yield Server("jobstate", proc, f"{HOST}:{port}")
-    finally:
-        _stop(proc)
-        if proc.returncode not in (0, -signal.SIGTERM):
-            log.seek(0)
-            sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
-        log.close()
+def jobstate_server(
+    history_size: int, uvloop: bool = False, source: Path | None = None, store: str = "memory"
+) -> Iterator[Server]:
+    """The server as ``jobstate serve`` starts it; from ``source`` (an exported tree) instead of this one if set.
+
+    ``store``: ``memory``; ``sqlite`` in a fresh data dir under ``SQLITE_BASE``, removed after; ``etcd`` on a
+    fresh etcd of its own (started as for the etcd rows), stopped after."""
+    with contextlib.ExitStack() as stack:
+        helpers: tuple[int, ...] = ()
+        data_dir: Path | None = None
+        engine: list[str] = []
+        if store == "sqlite":
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-sqlite-", dir=SQLITE_BASE)))
+            engine = ["--store", "sqlite", "--data-dir", str(data_dir)]
+        elif store == "etcd":
+            etcd = stack.enter_context(etcd_server())
+            helpers = (etcd.pid,)
+            engine = ["--store", "etcd", "--etcd-endpoints", f"http://{etcd.target}", "--etcd-prefix", "/jobstate"]
+        elif store != "memory":
+            raise ValueError(f"unknown store {store!r}")
+        port = free_port()
+        env = dict(os.environ)
+        if source is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(source / d) for d in ("server", "client", "gen")] + [str(REPO)])
+        args = ["--host", HOST, "--port", str(port), "--history-size", str(history_size), *engine]
+        # The harness's own launcher installs uvloop's event loop before the server starts; otherwise the
+        # server runs exactly as a user starts it.
+        module = ["-m", "bench.uvserve"] if uvloop else ["-m", "jobstate", "serve"]
+        log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finally, after the server stops
+        proc = subprocess.Popen([sys.executable, *module, *args], cwd=REPO, stdout=log, stderr=log, env=env)
+        try:
+            _wait_port(port, proc)
+            name = "jobstate" if store == "memory" else f"jobstate-{store}"
+            yield Server(name, proc, f"{HOST}:{port}", helpers, data_dir)
+        finally:
+            _stop(proc)
+            if proc.returncode not in (0, -signal.SIGTERM):
+                log.seek(0)
+                sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+            log.close()
 
 
 @contextlib.contextmanager
