@@ -53,6 +53,10 @@ def test_node_client_drives_a_job_and_watches_it(node: str, server: Any) -> None
         "live watch: 7 events with the write revisions, versions 1..7",
         "watch from the create revision: 7 events",
         "update execution (masked, CAS): BID_ACCEPTED v2",
+        "list: the completed job is listed",
+        "history: 7 entries with the write revisions and versions",
+        "delete: the last state comes back",
+        "get after delete: ErrorInfo reason JOB_NOT_FOUND",
     ):
         assert any(must in line for line in lines), f"missing check {must!r} in:\n{r.stdout}"
 
@@ -61,7 +65,8 @@ def test_node_client_drives_a_job_and_watches_it(node: str, server: Any) -> None
         listed = spb_grpc.JobStateServiceStub(channel).ListJobs(spb.ListJobsRequest(), timeout=10)
     [job] = listed.jobs
     assert job.job_id.startswith("node-")
-    assert (job.state, job.version, listed.revision) == (pb.JOB_STATE_TYPE_COMPLETED, 7, 7)
+    # Revisions 8 to 10: the scratch job Node created, queued and deleted.
+    assert (job.state, job.version, listed.revision) == (pb.JOB_STATE_TYPE_COMPLETED, 7, 10)
     [ex] = job.executions
     assert (ex.node_id, ex.state, ex.version, ex.run_output.stdout) == (
         "node-a",

@@ -179,6 +179,40 @@ async function main() {
       `${name}: every event has the job and its time`,
     );
   }
+  // The remaining RPCs: list (with a state filter), history, delete.
+  const listed = await call(client, 'ListJobs', { states: ['JOB_STATE_TYPE_COMPLETED'], page_size: 1000 });
+  check(listed.jobs.some((j) => j.job_id === jobId && j.version === version), 'list: the completed job is listed');
+  check(listed.jobs.every((j) => j.state === 'JOB_STATE_TYPE_COMPLETED'), 'list: only COMPLETED jobs');
+  check(listed.revision >= done.revision, 'list: read at or after the last write');
+
+  const history = await call(client, 'GetJobHistory', { job_id: jobId });
+  equal(
+    history.entries.map((e) => [Number(e.revision), Number(e.version)]),
+    writes.map(([revision, v]) => [revision, v]),
+    `history: ${writes.length} entries with the write revisions and versions`,
+  );
+  equal(history.entries[0].job_state.new_state, 'JOB_STATE_TYPE_NEW', 'history: the first entry created the job');
+
+  // Delete, on a scratch job (the finished one stays for the Python side to read).
+  const scratchId = `${jobId}-scratch`;
+  const scratch = await call(client, 'CreateJob', { job_id: scratchId });
+  await call(client, 'UpdateJobState', { job_id: scratchId, new_state: 'JOB_STATE_TYPE_QUEUED' });
+  await expectError(
+    call(client, 'DeleteJob', { job_id: scratchId, expected_version: 1 }),
+    grpc.status.ABORTED,
+    'VERSION_MISMATCH',
+    'delete with a stale expected_version',
+  );
+  const deleted = await call(client, 'DeleteJob', { job_id: scratchId, expected_version: 2 });
+  equal([deleted.job.job_id, deleted.job.version], [scratchId, 2], 'delete: the last state comes back');
+  check(deleted.revision === scratch.revision + 2, 'delete: a change of its own, one revision after the last');
+  await expectError(
+    call(client, 'GetJob', { job_id: scratchId }),
+    grpc.status.NOT_FOUND,
+    'JOB_NOT_FOUND',
+    'get after delete',
+  );
+
   client.close();
   console.log(`node client: ${checks} checks passed against ${target}`);
 }
