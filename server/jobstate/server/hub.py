@@ -212,6 +212,9 @@ class WatchHub:
         self._wake = asyncio.Event()
         self._wake_handle: asyncio.Handle | None = None
         self._last_wake = 0.0
+        # Unfiltered watchers waiting for the next wake-up, and how long the last wake-up kept them busy.
+        self._idle_unfiltered = 0
+        self._round = 0.0
         self._linger_per_watcher = linger_per_watcher
         self._max_linger = max_linger
         self._unfiltered = 0
@@ -331,7 +334,11 @@ class WatchHub:
             self._wake_now()
             return
         now = loop.time()
-        due = self._last_wake + min(self._max_linger, self._linger_per_watcher * self._unfiltered)
+        # A wake-up's round (every watcher sending its batch) can take longer than the linger when watchers are
+        # many or the machine is busy; spacing wake-ups at least twice the last round apart keeps fan-out to at
+        # most half of the loop, so writers are never starved into one change per round.
+        linger = max(min(self._max_linger, self._linger_per_watcher * self._unfiltered), min(1.0, 2 * self._round))
+        due = self._last_wake + linger
         if now >= due:
             self._wake_handle = loop.call_soon(self._wake_now)
         else:
@@ -432,14 +439,22 @@ class WatchHub:
                     await asyncio.sleep(0)
                     continue
                 wake = self._wake if w.unfiltered else w.wake
-                if not w.unfiltered:
+                if w.unfiltered:
+                    self._idle_unfiltered += 1
+                    if self._idle_unfiltered == self._unfiltered and self._last_wake:
+                        self._round = asyncio.get_running_loop().time() - self._last_wake
+                else:
                     wake.clear()
-                if spec.progress_interval is None:
-                    await wake.wait()
-                    continue
                 try:
-                    async with asyncio.timeout(spec.progress_interval):
-                        await wake.wait()
+                    try:
+                        if spec.progress_interval is None:
+                            await wake.wait()
+                            continue
+                        async with asyncio.timeout(spec.progress_interval):
+                            await wake.wait()
+                    finally:
+                        if w.unfiltered:
+                            self._idle_unfiltered -= 1
                 except TimeoutError:
                     if not (w.unfiltered or w.overflow or w.pending):
                         # Nothing was pushed while idle: every change up to the head passed this filter by.
