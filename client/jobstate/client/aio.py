@@ -266,10 +266,14 @@ class AsyncWatchStream:
         cursor = self.cursor
         attempt = 0
         while not self._closed:
-            self._call = self._client._stub.Watch(cursor.next_request(), metadata=self._client.metadata)
+            self._call = self._client._stub.Watch(
+                cursor.next_request(), metadata=cursor.call_metadata(self._client.metadata)
+            )
             try:
                 async for response in self._call:
                     attempt = 0
+                    if not cursor.store_id:
+                        cursor.remember_store(await self._call.initial_metadata())
                     cursor.observe(response)
                     yield response
                 return
@@ -285,6 +289,8 @@ class AsyncWatchStream:
                     isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.CANCELLED and self._closed
                 ):
                     return
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    cursor.remember_store(exc.initial_metadata())
                 err = JobStateError.from_rpc_error(exc)
                 if not (self._resume and cursor.can_resume(err)):
                     raise err from exc

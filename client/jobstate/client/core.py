@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
@@ -272,6 +273,9 @@ def should_retry_read(exc: JobStateError) -> bool:
 # --- watch resumption --------------------------------------------------------------------------------------
 
 
+STORE_ID_KEY = "jobstate-store-id"
+
+
 @dataclass
 class WatchCursor:
     """Where a watch stands, so that a dropped stream resumes at the next revision, never replaying one.
@@ -288,6 +292,19 @@ class WatchCursor:
     # Whether ``position`` is known: a live watch (start_revision 0) learns it from its first response, and
     # until then must be sent as it was asked (start_revision 1 would replay the whole history).
     positioned: bool = False
+    # The store the revisions belong to (the server's jobstate-store-id header). Sent back on every resume, so
+    # a server whose store was reset answers REVISION_COMPACTED instead of serving another history.
+    store_id: str = ""
+
+    def remember_store(self, metadata: Any) -> None:
+        if self.store_id:
+            return
+        for key, value in metadata or ():
+            if key == STORE_ID_KEY and isinstance(value, str):
+                self.store_id = value
+
+    def call_metadata(self, base: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        return (*base, (STORE_ID_KEY, self.store_id)) if self.store_id else base
 
     def __post_init__(self) -> None:
         if self.request.start_revision:

@@ -264,7 +264,9 @@ class WatchStream:
         """The raw responses (batches), resuming like the event iterator."""
         attempt = 0
         while not self._closed.is_set():
-            self._call = self._client._stub.Watch(self.cursor.next_request(), metadata=self._client.metadata)
+            self._call = self._client._stub.Watch(
+                self.cursor.next_request(), metadata=self.cursor.call_metadata(self._client.metadata)
+            )
             if self._closed.is_set():  # close() ran between the loop's check and the call: it missed this call
                 self._call.cancel()
             try:
@@ -276,6 +278,8 @@ class WatchStream:
             except grpc.RpcError as exc:
                 if self._closed.is_set():
                     return
+                # Read once the call has ended, when it cannot block: the header came first, if at all.
+                self.cursor.remember_store(exc.initial_metadata())  # type: ignore[attr-defined]
                 err = JobStateError.from_rpc_error(exc)
                 if not (self._resume and self.cursor.can_resume(err)):
                     raise err from exc

@@ -303,6 +303,8 @@ class EtcdStore(Store):
             self._states[job.job_id] = job.state
             self._track_timeout(job, kv.create_revision)
         self._head = max(self._head, resp.header.revision)
+        # etcd's cluster id changes when its data is lost; the prefix separates stores sharing one cluster.
+        self.store_id = f"etcd-{resp.header.cluster_id:016x}{self._jobs_prefix.decode().removesuffix('/jobs/')}"
         return int(resp.header.revision)
 
     def _track_timeout(self, job: pb.JobState, create_revision: int) -> None:

@@ -32,6 +32,9 @@ log = logging.getLogger("jobstate.server")
 SERVICE_NAME = spb.DESCRIPTOR.services_by_name["JobStateService"].full_name
 ERROR_DOMAIN = "jobstate"
 MIN_PROGRESS_INTERVAL = 0.01
+# Watch sends the store's id in this header; a client resuming by revision sends it back, so a server whose
+# store was reset refuses the resume (REVISION_COMPACTED) instead of serving another history's revisions.
+STORE_ID_KEY = "jobstate-store-id"
 
 # One table from domain error to status code; tests/integration/test_errors_raw.py checks it covers every error.
 STATUS_OF: dict[type[errors.JobStateError], grpc.StatusCode] = {
@@ -88,6 +91,13 @@ def _parse(kind: type[M], data: bytes) -> M:
         return kind.FromString(data)
     except message.DecodeError as exc:
         raise errors.InvalidArgument(f"request is not a valid {kind.DESCRIPTOR.name}: {exc}") from exc
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key and isinstance(v, str):
+            return v
+    return ""
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: errors.JobStateError) -> NoReturn:
@@ -193,6 +203,11 @@ class JobStateService:
             if self.shutting_down:
                 raise errors.ShuttingDown("the server is shutting down")
             spec = self.watch_spec(_parse(spb.WatchRequest, data))
+            if spec.start_revision:
+                self.store.check_store_id(_metadata(context, STORE_ID_KEY))
+            if self.store.store_id:
+                # Sent before any event, so a client knows which store its revisions belong to from the start.
+                await context.send_initial_metadata(((STORE_ID_KEY, self.store.store_id),))
             # aclosing: a cancelled call releases its watcher now, not whenever the generator is collected.
             async with contextlib.aclosing(self.store.watch(spec)) as stream:
                 async for response in stream:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import sqlite3
 import sys
 from pathlib import Path
@@ -126,6 +127,10 @@ class SqliteStore(MemoryStore):
             self._db.execute("INSERT INTO meta VALUES ('schema', ?), ('head', 0)", (SCHEMA_VERSION,))
         elif schema != SCHEMA_VERSION:
             raise RuntimeError(f"{self.data_dir / DB_FILE} has schema {schema}; this server reads {SCHEMA_VERSION}")
+        if self._meta("store_id") is None:
+            # Made once per database: a new data dir is a new revision history.
+            self._db.execute("INSERT INTO meta VALUES ('store_id', ?)", (secrets.randbits(62),))
+        self.store_id = f"sqlite-{self._meta('store_id'):016x}"
         head = self._meta("head") or 0
         latest = 0
         rows = self._db.execute(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from google.protobuf import field_mask_pb2
 
 from jobstate.server import changes, rules
-from jobstate.server.errors import InvalidArgument, JobAlreadyExists, JobNotFound, ResourceLimit
+from jobstate.server.errors import InvalidArgument, JobAlreadyExists, JobNotFound, ResourceLimit, RevisionCompacted
 from jobstate.server.hub import CREATED, DELETED, UPDATED, Change, Snapshot, WatchHub, WatchSpec, node_tuple
 from jobstate.v1 import job_state_pb2 as pb
 from jobstate.v1 import job_state_service_pb2 as spb
@@ -70,6 +70,28 @@ class Store(abc.ABC):
     """What every storage engine offers. Each method validates its input and raises ``JobStateError``s."""
 
     limits: rules.Limits
+    # Names the store's revision history: a new in-memory store, a new SQLite database or another etcd cluster
+    # gets another id. Revisions only mean something within one id ("" until the engine knows its own).
+    store_id: str = ""
+
+    @property
+    def oldest_revision(self) -> int:
+        """The oldest revision a watch can start from, as far as the engine knows."""
+        return 1
+
+    def check_store_id(self, expected: str) -> None:
+        """Refuses to resume a watch whose revisions came from another store.
+
+        A client resuming at revision N from a server whose store was reset (an in-memory server restarted at the
+        same address) would otherwise be served that store's own revision N onward, silently missing changes.
+        """
+        if expected and self.store_id and expected != self.store_id:
+            raise RevisionCompacted(
+                f"the watch's revisions come from store {expected}, this server serves store {self.store_id} "
+                "(it was reset or replaced): list again, then watch from the list's revision",
+                oldest_revision=self.oldest_revision,
+                store_id=self.store_id,
+            )
 
     @abc.abstractmethod
     async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "") -> WriteResult: ...
@@ -285,6 +307,7 @@ class MemoryStore(Store):
         self._order: list[tuple[int, str]] = []
         self._timeouts: list[tuple[int, str, int]] = []  # heap of (timeout_ns, job_id, create_ns)
         self._revision = self.hub.head_revision
+        self.store_id = f"mem-{uuid.uuid4().hex[:16]}"
         self._clock = _Clock()
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -469,6 +492,10 @@ class MemoryStore(Store):
                 continue
             snap.jobs.append((r.data, r.mod_revision, r.mod_time_ns))
         return snap
+
+    @property
+    def oldest_revision(self) -> int:
+        return self.hub.oldest_revision
 
     def watch(self, spec: WatchSpec) -> AsyncGenerator[bytes, None]:
         return self.hub.watch(spec, lambda: self.snapshot(spec))
