@@ -205,7 +205,7 @@ async def fanout_writer(system: str, target: str, p: dict[str, Any], sync: Sync,
         await asyncio.gather(*(lane(k) for k in range(lanes)))
     elapsed = time.monotonic() - t0
     await b.close()
-    return {"writes": writes, "elapsed": elapsed, "hist": hist.b}
+    return {"writes": writes, "failed": failed, "elapsed": elapsed, "hist": hist.b}
 
 
 async def fanout_watchers(system: str, target: str, p: dict[str, Any], sync: Sync, index: int) -> dict[str, Any]:

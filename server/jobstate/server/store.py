@@ -326,12 +326,16 @@ class MemoryStore(Store):
         The in-memory engine keeps nothing elsewhere.
         """
 
-    def _add(self, rec: _Record) -> None:
-        """Indexes a new job (its create time is later than every other job's: the clock is monotonic)."""
+    def _add(self, rec: _Record, job: pb.JobState | None = None) -> None:
+        """Indexes a new job (its create time is later than every other job's: the clock is monotonic).
+
+        ``job`` is the record's job when the caller has it parsed already (a commit); a record read back from
+        disk is parsed and indexed here."""
         self._jobs[rec.job_id] = rec
         self._order.append((rec.create_ns, rec.job_id))
-        job = rec.job
-        rec.index(job)
+        if job is None:
+            job = rec.job
+            rec.index(job)
         if job.HasField("timeout_at"):
             heapq.heappush(self._timeouts, (job.timeout_at.ToNanoseconds(), rec.job_id, rec.create_ns))
 
@@ -344,10 +348,10 @@ class MemoryStore(Store):
         self._persist(Mutation(revision, event_type, change.job, data, now_ns, rec.create_ns, entry_data, event))
         self._revision = revision
         rec.data = data
+        rec.state = change.job.state
+        rec.nodes = event.nodes  # computed once, for the hub and for ListJobs' node filter
         if event_type == CREATED:
-            self._add(rec)
-        else:
-            rec.index(change.job)
+            self._add(rec, change.job)
         rec.mod_revision = revision
         rec.mod_time_ns = now_ns
         rec.history.append(entry_data)
