@@ -10,6 +10,7 @@ import pytest
 from jobstate.client import core
 from jobstate.client.core import Backoff, JobCache, WatchCursor
 from jobstate.client.errors import (
+    Cancelled,
     FailedPrecondition,
     Internal,
     JobStateError,
@@ -286,6 +287,7 @@ def test_cursor_does_not_modify_its_request() -> None:
         (ResourceExhausted("too many watchers", Reason.LIMIT_EXCEEDED), False),
         (OutOfRange("compacted", Reason.REVISION_COMPACTED, {"oldest_revision": "9"}), False),
         (Internal("Received RST_STREAM with error code 2"), True),
+        (Cancelled("cancelled by the server while it stopped"), True),
         (Internal("boom"), False),
         (FailedPrecondition("no", Reason.STATE_MISMATCH), False),
     ],
@@ -391,8 +393,9 @@ def test_backoff_is_jittered() -> None:
     assert len({Backoff().delay(5) for _ in range(20)}) > 1
 
 
-def test_only_unavailable_reads_are_retried() -> None:
+def test_only_unavailable_and_server_cancelled_reads_are_retried() -> None:
     assert core.should_retry_read(Unavailable("down"))
+    assert core.should_retry_read(Cancelled("the server stopped"))
     for code in grpc.StatusCode:
-        if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE):
+        if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             assert not core.should_retry_read(JobStateError.for_code(code)("x"))

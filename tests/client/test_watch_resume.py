@@ -25,6 +25,7 @@ from watchcheck import Commit, WatchChecker
 from jobstate.client import (
     AsyncClient,
     Backoff,
+    Cancelled,
     Client,
     InvalidArgument,
     JobStateError,
@@ -267,6 +268,31 @@ def test_close_during_backoff(script: Script) -> None:
     c.opened().close()
     assert c.ended_with() is _END
     assert time.monotonic() - started < 20  # did not sit out the 30-60s delay
+
+
+def test_a_call_the_server_cancelled_is_resumed(script: Script) -> None:
+    # A server stopping cancels the calls it still holds queued: a watch that raced a restart sees CANCELLED.
+    resumes: Resumes = []
+    c = Consumer(lambda: script.client.watch(start_revision=3, on_resume=lambda *a: resumes.append(a)))
+    _, rpc = script.take_watch()
+    rpc.send_response(resp(ev(ET.WATCH_EVENT_TYPE_CREATED, 3)))
+    assert c.revisions(1) == [3]
+    terminate(rpc, code=grpc.StatusCode.CANCELLED)
+    req, rpc = script.take_watch()
+    assert req.start_revision == 4
+    assert [type(err) for err, _, _ in resumes] == [Cancelled]
+    c.opened().close()
+    assert c.ended_with() is _END
+
+
+def test_a_closed_client_does_not_resume(script: Script) -> None:
+    resumes: Resumes = []
+    c = Consumer(lambda: script.client.watch(start_revision=3, on_resume=lambda *a: resumes.append(a)))
+    _, rpc = script.take_watch()
+    script.client.close()
+    terminate(rpc, code=grpc.StatusCode.CANCELLED)  # what closing a real channel does to its calls
+    assert isinstance(c.ended_with(), Cancelled)
+    assert resumes == []
 
 
 def test_without_resume_a_drop_is_raised(script: Script) -> None:

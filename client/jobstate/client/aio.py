@@ -55,8 +55,11 @@ class AsyncClient:
         self.backoff = backoff
         self.read_attempts = read_attempts
         self._stub = spb_grpc.JobStateServiceStub(channel)
+        # Set by close(): the calls it cancels end there, never retried or resumed.
+        self.closed = False
 
     async def close(self) -> None:
+        self.closed = True
         await self.channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:
@@ -72,7 +75,7 @@ class AsyncClient:
                 return await method(request, timeout=self.timeout, metadata=self.metadata)
             except grpc.RpcError as exc:
                 err = JobStateError.from_rpc_error(exc)
-                if attempt < attempts and core.should_retry_read(err):
+                if attempt < attempts and not self.closed and core.should_retry_read(err):
                     await asyncio.sleep(self.backoff.delay(attempt))
                     continue
                 raise err from exc
@@ -285,14 +288,12 @@ class AsyncWatchStream:
                     return
                 raise
             except grpc.RpcError as exc:
-                if self._closed or (
-                    isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.CANCELLED and self._closed
-                ):
+                if self._closed:
                     return
                 if isinstance(exc, grpc.aio.AioRpcError):
                     cursor.remember_store(exc.initial_metadata())
                 err = JobStateError.from_rpc_error(exc)
-                if not (self._resume and cursor.can_resume(err)):
+                if not (self._resume and not self._client.closed and cursor.can_resume(err)):
                     raise err from exc
                 attempt += 1
                 delay = self._client.backoff.delay(attempt)

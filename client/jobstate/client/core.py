@@ -262,11 +262,16 @@ class Backoff:
 
 
 DEFAULT_BACKOFF = Backoff()
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+# CANCELLED reaches a caller only when the other side cancelled the call: a call the caller cancels itself
+# ends before any retry is considered (the clients check for that first). A server cancels the calls still
+# queued when it stops (grpc's server.stop), so a read or a watch that raced a restart sees CANCELLED, and
+# trying again, elsewhere or after the restart, is what the caller wants.
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
 def should_retry_read(exc: JobStateError) -> bool:
-    """Reads are idempotent: retry them when the server could not be reached or is restarting."""
+    """Reads are idempotent: retry them when the server could not be reached, is restarting, or cancelled
+    the call while stopping."""
     return exc.code in RETRYABLE_CODES
 
 
@@ -330,9 +335,9 @@ class WatchCursor:
         return req
 
     def can_resume(self, exc: JobStateError) -> bool:
-        """True for a dropped connection or a lagged watcher; False for everything the caller must handle
-        (REVISION_COMPACTED means: relist)."""
-        if exc.code == grpc.StatusCode.UNAVAILABLE:
+        """True for a dropped connection, a call the server cancelled or a lagged watcher; False for everything
+        the caller must handle (REVISION_COMPACTED means: relist)."""
+        if exc.code in RETRYABLE_CODES:
             return True
         if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.reason == Reason.WATCHER_LAGGED:
             return True

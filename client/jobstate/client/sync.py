@@ -60,8 +60,11 @@ class Client:
         self.backoff = backoff
         self.read_attempts = read_attempts
         self._stub = spb_grpc.JobStateServiceStub(channel)
+        # Set by close(): the calls it cancels end there, never retried or resumed.
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
         self.channel.close()
 
     def __enter__(self) -> Client:
@@ -79,7 +82,7 @@ class Client:
                 return method(request, timeout=self.timeout, metadata=self.metadata)
             except grpc.RpcError as exc:
                 err = JobStateError.from_rpc_error(exc)
-                if attempt < attempts and core.should_retry_read(err):
+                if attempt < attempts and not self.closed and core.should_retry_read(err):
                     time.sleep(self.backoff.delay(attempt))
                     continue
                 raise err from exc
@@ -281,7 +284,7 @@ class WatchStream:
                 # Read once the call has ended, when it cannot block: the header came first, if at all.
                 self.cursor.remember_store(exc.initial_metadata())  # type: ignore[attr-defined]
                 err = JobStateError.from_rpc_error(exc)
-                if not (self._resume and self.cursor.can_resume(err)):
+                if not (self._resume and not self._client.closed and self.cursor.can_resume(err)):
                     raise err from exc
                 attempt += 1
                 delay = self._client.backoff.delay(attempt)
