@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -139,6 +140,14 @@ class EtcdServer:
     def revision(self) -> int:
         with grpc.insecure_channel(self.target) as channel:
             return int(rpc.KVStub(channel).Range(rpc.RangeRequest(key=b"/"), timeout=5).header.revision)
+
+    def watchers(self) -> int:
+        """How many watches etcd serves now (its own gauge, from its metrics endpoint)."""
+        with urllib.request.urlopen(f"{self.endpoint}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                    return int(float(line.split()[1]))
+        raise AssertionError("etcd's metrics have no etcd_debugging_mvcc_watcher_total")
 
     def put(self, key: bytes, value: bytes) -> int:
         """A write of some other program sharing this etcd; returns its revision."""

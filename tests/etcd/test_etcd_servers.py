@@ -367,3 +367,41 @@ def test_a_watcher_that_does_not_read_misses_nothing(make_server: Callable[..., 
         # The writes completed while nobody read the stream; now it catches up with nothing lost.
         read_until(stream, checker, commits[-1].revision)
     assert checker.check_complete(commits) == 400
+
+
+def test_watchers_on_one_server_share_its_etcd_watch(
+    make_server: Callable[..., Any], make_etcd: Callable[..., EtcdServer]
+) -> None:
+    """A server keeps one etcd watch and fans it out; only a watcher starting before what it holds costs etcd one."""
+    etcd = make_etcd()
+    with connect(on_etcd(make_server, etcd, "/jobstate")) as stub:
+        early = changes_of(stub, "early")  # before the second server starts following
+    server = on_etcd(make_server, etcd, "/jobstate")
+    with connect(server) as stub:
+        baseline = etcd.watchers()
+        start = head(stub) + 1
+        specs: list[tuple[WatchChecker, dict[str, Any]]] = [
+            (WatchChecker(f"all-{i}"), {"start_revision": start}) for i in range(10)
+        ]
+        specs += [(WatchChecker(f"job-{i}", job_ids=frozenset({"x"})), {"job_ids": ["x"]}) for i in range(10)]
+        specs += [
+            (WatchChecker(f"node-{i}", node_id="n1"), {"node_id": "n1", "start_revision": start}) for i in range(10)
+        ]
+        specs.append((WatchChecker("initial"), {"send_initial_state": True}))
+        streams = [watch(stub, checker, **fields) for checker, fields in specs]
+        for stream, (checker, _) in zip(streams, specs, strict=True):
+            checker.observe(next(stream))  # a bookmark: the stream is established
+        assert etcd.watchers() == baseline
+        # Resuming before the server started following: served by an etcd watch of its own.
+        old = WatchChecker("from-the-start")
+        old_stream = watch(stub, old, start_revision=early[0].revision)
+        read_until(old_stream, old, early[-1].revision, cancel=False)
+        assert etcd.watchers() == baseline + 1
+
+        commits = changes_of(stub, "x")
+        for stream, (checker, _) in zip(streams, specs, strict=True):
+            read_until(stream, checker, commits[-1].revision)
+        read_until(old_stream, old, commits[-1].revision)
+    for checker, _ in specs:
+        assert checker.check_complete(commits) > 0
+    assert old.check_complete([*early, *commits]) == len(early) + len(commits)

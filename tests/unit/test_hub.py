@@ -540,3 +540,97 @@ def test_publish_refuses_a_gap() -> None:
     with pytest.raises(ValueError, match="consecutive"):
         hub.publish(3, UPDATED, pb.JobState(job_id="a", version=2), 2)
     assert hub.head_revision == 1
+
+
+# --- engines whose revisions have gaps, or whose source of changes fails -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec", [WatchSpec(start_revision=1), WatchSpec(job_ids=frozenset({"a"}), start_revision=1), WatchSpec(node_id="n")]
+)
+async def test_gaps_are_skipped_and_match_no_watcher(spec: WatchSpec) -> None:
+    hub = WatchHub(100)
+    pub = Publisher(hub)
+    stream = hub.watch(spec)
+    task = await is_waiting(stream)
+    hub.skip_to(4)  # revisions 1-4 belong to someone else
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not task.done(), "a gap was delivered as a response"
+    assert pub("a", ["n"]) == 5
+    hub.skip_to(9)
+    assert pub("a", ["n"]) == 10
+    r = spb.WatchResponse.FromString(await asyncio.wait_for(task, WAIT))
+    got = revisions(r)
+    while got[-1] < 10:
+        got += revisions(await next_response(stream))
+    assert got == [5, 10]
+    # Resuming inside a gap, or at it, starts with the next change.
+    for start in (6, 10):
+        again = hub.watch(WatchSpec(start_revision=start))
+        assert revisions(await next_response(again)) == [10]
+        await again.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_gap_longer_than_the_ring_does_not_lag_a_watcher_that_read_everything() -> None:
+    hub = WatchHub(10)
+    pub = Publisher(hub)
+    pub("a")
+    caught_up, behind = hub.watch(WatchSpec(start_revision=1)), hub.watch(WatchSpec(start_revision=1))
+    for stream in (caught_up, behind):
+        assert revisions(await next_response(stream)) == [1]
+    pub("a")
+    assert revisions(await next_response(caught_up)) == [2]
+    task = await is_waiting(caught_up)
+    hub.skip_to(1000)
+    assert (hub.oldest_revision, hub.head_revision) == (991, 1000)
+    assert pub("a") == 1001
+    r = spb.WatchResponse.FromString(await asyncio.wait_for(task, WAIT))
+    assert revisions(r) == [1001]
+    # One that had not read revision 2 yet has lost it: it is told where to resume.
+    with pytest.raises(errors.WatcherLagged) as lagged:
+        await next_response(behind)
+    assert lagged.value.metadata["resume_revision"] == "2"
+    await caught_up.aclose()  # type: ignore[attr-defined]
+
+
+async def test_fail_all_ends_the_open_streams_only() -> None:
+    hub = WatchHub(100)
+    pub = Publisher(hub)
+    streams = [
+        hub.watch(WatchSpec()),
+        hub.watch(WatchSpec(job_ids=frozenset({"a"}))),
+        hub.watch(WatchSpec(node_id="n")),
+    ]
+    tasks = [await is_waiting(s) for s in streams]
+    hub.fail_all(lambda: errors.StoreUnavailable("lost the source"))
+    for task in tasks:
+        with pytest.raises(errors.StoreUnavailable, match="lost the source"):
+            await asyncio.wait_for(task, WAIT)
+    assert hub.watcher_count == 0
+    later = hub.watch(WatchSpec())  # the hub itself goes on
+    task = await is_waiting(later)
+    pub("a")
+    assert revisions(spb.WatchResponse.FromString(await asyncio.wait_for(task, WAIT))) == [1]
+    await later.aclose()  # type: ignore[attr-defined]
+
+
+async def test_restart_at_forgets_what_is_held_and_ends_every_stream() -> None:
+    hub = WatchHub(100)
+    pub = Publisher(hub)
+    for _ in range(3):
+        pub("a")
+    stream = hub.watch(WatchSpec(start_revision=1))
+    assert revisions(await next_response(stream)) == [1, 2, 3]
+    task = await is_waiting(stream)
+    hub.restart_at(50, lambda: errors.StoreUnavailable("missed changes"))
+    with pytest.raises(errors.StoreUnavailable):
+        await asyncio.wait_for(task, WAIT)
+    assert (hub.oldest_revision, hub.head_revision) == (51, 50)
+    with pytest.raises(errors.RevisionCompacted):
+        await anext(hub.watch(WatchSpec(start_revision=3)))
+    assert pub("a") == 51
+    fresh = hub.watch(WatchSpec(start_revision=51))
+    assert revisions(await next_response(fresh)) == [51]
+    await fresh.aclose()  # type: ignore[attr-defined]

@@ -13,12 +13,18 @@ request is evaluated again against the job as it is now, so a client's condition
 decide the outcome, never a spurious conflict. The store revision is etcd's revision; on an etcd shared with
 other writers (other prefixes, other programs) revisions strictly increase but are not one apart.
 
-Watch is served from etcd's own watch of ``P/jobs/`` from a revision, one etcd watch per jobstate watcher,
-filtered here. Each event's bytes are built from the job bytes etcd returns (no re-serialization) and cached
-per revision, so concurrent watchers on one server share the work. A slow reader stops reading its etcd
-stream and gRPC flow control lets etcd keep it as an unsynced watcher: it catches up from etcd's history and
-never slows writers. etcd's compaction is ``RevisionCompacted`` when a watch starts and ``WatcherLagged`` when a
-running watcher falls behind it.
+Watch is served from etcd's own watch of ``P/jobs/``. Each server keeps one such watch (the follower) and
+publishes what it reads into a local ``WatchHub``, the same fan-out the other engines use: a watcher starting
+at a revision the hub still holds (the last ``_HUB_RING`` revisions since this server started following) costs
+etcd nothing, and a change is turned into a watch event once per server however many watchers receive it.
+Revisions of other keys (other prefixes, other programs) are gaps in the hub's ring. A watcher starting
+further back gets an etcd watch of its own from that revision, filtered here; each event's bytes are built from
+the job bytes etcd returns (no re-serialization) and cached per revision. A slow reader of such a stream stops
+reading it and gRPC flow control lets etcd keep it as an unsynced watcher: it catches up from etcd's history
+and never slows writers. etcd's compaction is ``RevisionCompacted`` when a watch starts and ``WatcherLagged``
+when a running watcher falls behind it. When the follower loses etcd, the streams the hub serves end with
+``StoreUnavailable`` and clients resume by revision; a follower that comes back after a compaction starts the
+hub afresh, so no stream skips a change it missed.
 
 The timeout sweeper is safe on every server: expiring is the same guarded transaction, so exactly one server
 wins and the others find the job final and skip it. Each server learns about timeouts from a range read at
@@ -65,9 +71,12 @@ from jobstate.server.hub import (
     DELETED,
     INITIAL,
     UPDATED,
+    Change,
+    WatchHub,
     WatchSpec,
     encode_event,
     encode_response,
+    node_tuple,
 )
 from jobstate.server.store import (
     HistoryPage,
@@ -101,6 +110,8 @@ _MAX_ATTEMPTS = 64
 _WATCH_QUEUE = 64
 _MAX_BATCH_BYTES = 1 << 20
 _EVENT_CACHE = 4096
+# Revisions the follower's hub holds: watchers resuming within them are served by this server alone.
+_HUB_RING = 10_000
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs lack it
 _PUT = 0  # mvccpb.Event.EventType
 _DELETE = 1
@@ -169,12 +180,16 @@ class _Clock:
         return t
 
 
+def _follow_lost() -> StoreUnavailable:
+    return StoreUnavailable("this server lost its watch of etcd; resume from the last revision received")
+
+
 class _Event:
     """One etcd event of a job key, as a watcher needs it: filter keys and the framed ``WatchEvent``."""
 
     __slots__ = ("frame", "job_id", "nodes")
 
-    def __init__(self, job_id: str, nodes: frozenset[str], frame: bytes) -> None:
+    def __init__(self, job_id: str, nodes: tuple[str, ...], frame: bytes) -> None:
         self.job_id = job_id
         self.nodes = nodes
         self.frame = frame
@@ -192,7 +207,7 @@ class _Watcher:
         self.ended = asyncio.Event()  # the stream has finished (close() waits for it)
 
 
-def _matches(spec: WatchSpec, job_id: str, nodes: frozenset[str]) -> bool:
+def _matches(spec: WatchSpec, job_id: str, nodes: tuple[str, ...]) -> bool:
     return (spec.job_ids is None or job_id in spec.job_ids) and (not spec.node_id or spec.node_id in nodes)
 
 
@@ -227,7 +242,11 @@ class EtcdStore(Store):
         self._started: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._closed = False
+        # Watchers with an etcd watch of their own (starting before what the hub holds).
         self._watchers: set[_Watcher] = set()
+        self._hub = WatchHub(min(history_size or _HUB_RING, _HUB_RING))
+        # True while the follower's etcd watch is established: only then may the hub serve new watchers.
+        self._following = False
         self._events: OrderedDict[tuple[int, bytes], _Event] = OrderedDict()
         # What this server knows from its follow watch: for stats and the sweeper.
         self._head = 0
@@ -289,6 +308,7 @@ class EtcdStore(Store):
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(0.2)
+        self._hub.restart_at(revision, _follow_lost)
         self._follower = asyncio.create_task(self._follow(revision + 1), name="etcd-follow")
         log.info("etcd store ready", extra={"etcd": self.target, "revision": revision, "jobs": len(self._states)})
 
@@ -317,35 +337,55 @@ class EtcdStore(Store):
         heapq.heappush(self._timeouts, (job.timeout_at.ToNanoseconds(), job.job_id, create_revision))
 
     async def _follow(self, start: int) -> None:
-        """Keeps the state counts, the head revision and the timeout heap current, whoever writes."""
+        """Publishes every change of the jobs to the hub, whoever writes, and keeps the state counts, the head
+        revision and the timeout heap current."""
+        hub = self._hub
         while not self._closed:
             call = self._watch_stub.Watch()
             try:
-                await call.write(self._watch_request(start, prev_kv=False))
+                await call.write(self._watch_request(start, prev_kv=True))
                 while True:
                     resp = await call.read()
                     if resp is _EOF:
                         break
                     if resp.compact_revision:
-                        start = await self._load() + 1  # fell behind a compaction: read everything again
+                        # Fell behind a compaction while away: read everything again, and end the streams the
+                        # hub serves, which would otherwise skip what was missed (they resume through etcd).
+                        self._following = False
+                        revision = await self._load()
+                        hub.restart_at(revision, _follow_lost)
+                        start = revision + 1
                         break
                     if resp.canceled:
                         break
+                    if resp.created:
+                        self._following = True
                     for ev in resp.events:
-                        job_id = ev.kv.key[len(self._jobs_prefix) :].decode()
+                        revision = int(ev.kv.mod_revision)
+                        event = self._event(ev)
                         if ev.type == _DELETE:
-                            self._states.pop(job_id, None)
+                            self._states.pop(event.job_id, None)
                         else:
                             job = pb.JobState.FromString(ev.kv.value)
-                            self._states[job_id] = job.state
-                            if ev.kv.create_revision == ev.kv.mod_revision:
+                            self._states[event.job_id] = job.state
+                            if ev.kv.create_revision == revision:
                                 self._track_timeout(job, ev.kv.create_revision)
-                        self._head = max(self._head, ev.kv.mod_revision)
-                        start = ev.kv.mod_revision + 1
+                        if revision > hub.head_revision:
+                            hub.skip_to(revision - 1)  # other keys' revisions
+                            hub.publish_change(Change.restored(revision, event.job_id, event.nodes, event.frame))
+                        else:
+                            # Two job keys in one transaction (not jobstate's own writes): the hub holds one
+                            # change a revision, so it starts afresh after it; its streams resume through etcd.
+                            hub.restart_at(revision, _follow_lost)
+                        self._head = max(self._head, revision)
+                        start = revision + 1
             except (grpc.aio.AioRpcError, StoreUnavailable) as exc:
                 log.debug("etcd follow watch ended: %s", exc)
             finally:
                 call.cancel()
+                if self._following:
+                    self._following = False
+                    hub.fail_all(_follow_lost)
             if not self._closed:
                 await asyncio.sleep(0.5)
 
@@ -365,6 +405,19 @@ class EtcdStore(Store):
 
     async def _range(self, key: bytes, range_end: bytes = b"", **fields: Any) -> Any:
         return await self._unary(self._kv.Range, rpc.RangeRequest(key=key, range_end=range_end, **fields))
+
+    async def _etcd_holds(self, revision: int) -> bool:
+        """Whether etcd still holds ``revision`` (not compacted); the revision must not be in the future."""
+        try:
+            await self._kv.Range(
+                rpc.RangeRequest(key=self._jobs_prefix, revision=revision, limit=1, keys_only=True),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.OUT_OF_RANGE:
+                return False  # compacted: the watch through etcd names the oldest revision it holds
+            raise self._unavailable(exc) from exc
+        return True
 
     async def _txn(self, request: Any) -> Any:
         return await self._unary(self._kv.Txn, request)
@@ -666,7 +719,7 @@ class EtcdStore(Store):
             job_bytes = job.SerializeToString()
         # A deletion has no time of its own in etcd: its event carries the job's last update_time.
         frame = encode_event(event_type, revision, job_bytes, job.update_time.ToNanoseconds())
-        event = _Event(job.job_id, frozenset(e.node_id for e in job.executions), frame)
+        event = _Event(job.job_id, node_tuple(job), frame)
         self._events[cache_key] = event
         if len(self._events) > _EVENT_CACHE:
             self._events.popitem(last=False)
@@ -682,10 +735,9 @@ class EtcdStore(Store):
     async def _watch(self, spec: WatchSpec) -> AsyncGenerator[bytes, None]:
         if self._closed:
             raise ShuttingDown("the server is shutting down")
-        if self._max_watchers and len(self._watchers) >= self._max_watchers:
-            raise ResourceLimit(
-                f"the server already has {len(self._watchers)} watchers, its limit", limit="max_watchers"
-            )
+        watchers = len(self._watchers) + self._hub.watcher_count
+        if self._max_watchers and watchers >= self._max_watchers:
+            raise ResourceLimit(f"the server already has {watchers} watchers, its limit", limit="max_watchers")
         await self._ready()
         w = _Watcher()
         self._watchers.add(w)
@@ -706,6 +758,15 @@ class EtcdStore(Store):
                         )
             else:
                 start = await self._current_revision() + 1
+            # etcd decides what is compacted, on every server alike: the hub may still hold revisions etcd has
+            # compacted, and serves a start in the past only when etcd holds it too.
+            held = start > self._hub.head_revision or await self._etcd_holds(start)
+            if held and self._following and start >= self._hub.oldest_revision:
+                self._watchers.discard(w)  # the hub counts it from here (it registers it in this same step)
+                live = WatchSpec(spec.job_ids, spec.node_id, start, False, spec.progress_interval)
+                async for message in self._hub.watch(live):
+                    yield message
+                return
             w.delivered = start - 1
             async for message in self._stream(w, spec, start):
                 yield message
@@ -840,14 +901,15 @@ class EtcdStore(Store):
             revision=self._head,
             history_held=0,  # etcd holds the history, up to its compaction
             history_size=0,
-            watchers=len(self._watchers),
-            watcher_lags=[max(0, self._head - w.delivered) for w in self._watchers],
+            watchers=len(self._watchers) + self._hub.watcher_count,
+            watcher_lags=[max(0, self._head - w.delivered) for w in self._watchers] + self._hub.lags(),
         )
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._hub.close()
         watchers = list(self._watchers)
         for w in watchers:
             if w.reader is not None:

@@ -16,7 +16,9 @@ Design (after Nomad's event buffer and etcd's watchable store):
   which names the revision to resume from. Nothing is ever skipped silently.
 
 Invariant: ``publish`` is called in revision order with revisions one apart, from the event loop's thread,
-and never awaits, so a watcher sees either all of a change or none of it. The hub imports nothing of gRPC.
+and never awaits, so a watcher sees either all of a change or none of it. An engine whose revisions have gaps
+(etcd, shared with other programs) marks the revisions between its changes with ``skip_to``: they hold no
+change and match no watcher. The hub imports nothing of gRPC.
 """
 
 from __future__ import annotations
@@ -131,6 +133,10 @@ class Change:
         return c
 
 
+# The mark of a revision that holds no change (see ``WatchHub.skip_to``): an empty frame matches no watcher.
+GAP = Change.restored(0, "", (), b"")
+
+
 @dataclass(frozen=True, slots=True)
 class WatchSpec:
     """What a watcher asks for (WatchRequest, validated)."""
@@ -164,9 +170,11 @@ _UNUSED_WAKE = asyncio.Event()
 
 
 class _Watcher:
-    __slots__ = ("cursor", "job_ids", "node_id", "overflow", "pending", "unfiltered", "wake")
+    __slots__ = ("cursor", "failure", "job_ids", "node_id", "overflow", "pending", "unfiltered", "wake")
 
     def __init__(self, spec: WatchSpec, cursor: int) -> None:
+        # Set by ``fail_all``: the stream ends with this error at its next step.
+        self.failure: Exception | None = None
         self.job_ids = spec.job_ids
         self.node_id = spec.node_id
         self.unfiltered = spec.job_ids is None and not spec.node_id
@@ -284,6 +292,25 @@ class WatchHub:
         self._head = head_revision
         self._oldest = max(first, head_revision - self._cap + 1) if first else head_revision + 1
 
+    def fail_all(self, error: Callable[[], Exception]) -> None:
+        """Ends every watch stream open now with ``error()`` (an engine that lost its source of changes: its
+        watchers resume once it is back, or learn why not). Streams opened later are not affected."""
+        for w in self._watchers:
+            w.failure = error()
+            w.wake.set()
+        if self._wake_handle is not None:
+            self._wake_handle.cancel()
+        self._wake_now()
+
+    def restart_at(self, head_revision: int, error: Callable[[], Exception]) -> None:
+        """Forgets everything held and continues from ``head_revision``: for an engine that missed changes
+        (its source was compacted while it was away). Every open stream ends with ``error()`` first, so none
+        skips a change silently."""
+        self.fail_all(error)
+        self._ring = [None] * self._cap
+        self._head = head_revision
+        self._oldest = head_revision + 1
+
     def close(self) -> None:
         """Ends every watch stream with ``ShuttingDown`` and refuses new ones."""
         self._closed = True
@@ -295,6 +322,25 @@ class WatchHub:
 
     def publish(self, revision: int, event_type: int, job: pb.JobState, time_ns: int) -> None:
         self.publish_change(Change(revision, event_type, job, time_ns))
+
+    def skip_to(self, revision: int) -> None:
+        """Marks the revisions after the head up to ``revision`` as holding no change of this store."""
+        head = self._head
+        if revision <= head:
+            return
+        cap = self._cap
+        first = max(head + 1, revision - cap + 1)
+        ring = self._ring
+        for r in range(first, revision + 1):
+            ring[r % cap] = GAP
+        self._head = revision
+        if revision - self._oldest >= cap:
+            self._oldest = revision - cap + 1
+            # Watchers that had read everything up to the old head missed nothing in the gap: move them past it
+            # rather than report them lagged when the ring moves on.
+            for w in self._watchers:
+                if w.cursor > head:
+                    w.cursor = max(w.cursor, revision + 1)
 
     def publish_change(self, c: Change) -> None:
         """Publishes a change serialized beforehand (by an engine that also wrote ``c.frame`` to disk)."""
@@ -427,6 +473,8 @@ class WatchHub:
                 async for message in self._initial(snap):
                     yield message
             while True:
+                if w.failure is not None:
+                    raise w.failure
                 if self._closed:
                     raise ShuttingDown("the server is shutting down")
                 frames, upto, more = self._collect(w)
@@ -519,7 +567,7 @@ class WatchHub:
         while rev <= stop and size < limit:
             c = ring[rev % cap]
             assert c is not None
-            if unfiltered or w.matches(c):
+            if c.frame and (unfiltered or w.matches(c)):
                 frames.append(c.frame)
                 size += len(c.frame)
             rev += 1
