@@ -220,3 +220,41 @@ def test_metrics_stop_with_the_server(make_server: Callable[..., Any]) -> None:
     s.stop()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_calls_refused_before_the_service_are_counted(make_server: Callable[..., Any], tmp_path: Any) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("reader-token-0123456789 reader alice\nwriter-token-0123456789 writer bob\n")
+    tokens.chmod(0o600)
+    server = make_server(
+        metrics_port=0, auth_tokens_file=str(tokens), write_rate_per_client=0.01, write_burst_per_client=1
+    )
+    port = server.app.metrics_port
+    before = scrape(port)
+    alice = (("authorization", "Bearer reader-token-0123456789"),)
+    bob = (("authorization", "Bearer writer-token-0123456789"),)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = spb_grpc.JobStateServiceStub(channel)
+        refused = [
+            (lambda: stub.GetJob(spb.GetJobRequest(job_id="a"), timeout=10), grpc.StatusCode.UNAUTHENTICATED),
+            (
+                lambda: stub.CreateJob(spb.CreateJobRequest(job_id="a"), timeout=10, metadata=alice),
+                grpc.StatusCode.PERMISSION_DENIED,
+            ),
+            (lambda: next(stub.Watch(spb.WatchRequest(), timeout=10)), grpc.StatusCode.UNAUTHENTICATED),
+        ]
+        for call, code in refused:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == code
+        stub.CreateJob(spb.CreateJobRequest(job_id="b"), timeout=10, metadata=bob)
+        with pytest.raises(grpc.RpcError) as info:  # the second write within the second: over the rate
+            stub.CreateJob(spb.CreateJobRequest(job_id="c"), timeout=10, metadata=bob)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    after = scrape(port)
+    name = "jobstate_requests_total"
+    assert delta(before, after, name, method="GetJob", code="UNAUTHENTICATED") == 1
+    assert delta(before, after, name, method="CreateJob", code="PERMISSION_DENIED") == 1
+    assert delta(before, after, name, method="Watch", code="UNAUTHENTICATED") == 1
+    assert delta(before, after, name, method="CreateJob", code="RESOURCE_EXHAUSTED") == 1
+    assert delta(before, after, name, method="CreateJob", code="OK") == 1

@@ -200,7 +200,7 @@ def test_a_vanished_peer_is_found_by_keepalive(make_server: Any) -> None:
         call.cancel()
 
 
-def test_sighup_reloads_tokens_without_dropping_streams(server_process: Any, tmp_path: Path) -> None:
+def test_sighup_reloads_tokens_ending_only_the_revoked_streams(server_process: Any, tmp_path: Path) -> None:
     path = tmp_path / "tokens"
     path.write_text(f"{TOKENS['writer']} writer bob\n{TOKENS['reader']} reader alice\n")
     path.chmod(0o600)
@@ -210,6 +210,8 @@ def test_sighup_reloads_tokens_without_dropping_streams(server_process: Any, tmp
         bob, alice, carol = bearer(TOKENS["writer"]), bearer(TOKENS["reader"]), bearer(TOKENS["writer2"])
         watch = stub.Watch(spb.WatchRequest(send_initial_state=True), metadata=alice, timeout=60)
         next(watch)
+        bobs_watch = stub.Watch(spb.WatchRequest(send_initial_state=True), metadata=bob, timeout=60)
+        next(bobs_watch)
         # Bob is revoked, Carol added; Alice keeps reading.
         path.write_text(f"{TOKENS['writer2']} writer carol\n{TOKENS['reader']} reader alice\n")
         server.signal(signal.SIGHUP)
@@ -227,7 +229,12 @@ def test_sighup_reloads_tokens_without_dropping_streams(server_process: Any, tmp
         with pytest.raises(grpc.RpcError) as info:
             stub.CreateJob(spb.CreateJobRequest(job_id="by-bob"), timeout=TIMEOUT, metadata=bob)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        # The stream opened before the reload is still delivering.
+        # Bob's open stream ended with the reason, at the reload (it waited for nothing else).
+        with pytest.raises(grpc.RpcError) as info:
+            next(bobs_watch)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "not valid" in (info.value.details() or "")
+        # Alice's stream, opened before the reload, is still delivering.
         got: list[str] = []
         reader = threading.Thread(target=lambda: got.append(next(watch).events[0].job.job_id), daemon=True)
         reader.start()

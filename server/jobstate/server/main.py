@@ -214,6 +214,8 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
         interceptors=[security] if security is not None else None,
     )
     service = JobStateService(store, observer)
+    if security is not None:
+        security.observer = observer
     server.add_generic_rpc_handlers((service.handler(),))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

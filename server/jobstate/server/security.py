@@ -9,12 +9,15 @@
 - ``SecurityInterceptor`` checks each call to ``jobstate.v1.JobStateService`` before the servicer sees it:
   who is calling (token or certificate), whether the role allows the method, the caller's write rate and
   its number of open watch streams. Health and reflection pass through untouched, so probes need nothing.
+  A reload of the tokens file checks every open watch stream again: one whose token (or certificate name) is
+  no longer accepted ends with ``UNAUTHENTICATED``; the others go on.
 
 Tokens never reach a log line: failures log the peer and the reason, a known caller by its name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import hmac
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from jobstate.server import errors
-from jobstate.server.service import SERVICE_NAME, to_status
+from jobstate.server.service import SERVICE_NAME, Observer, to_status
 
 log = logging.getLogger("jobstate.server.security")
 
@@ -228,6 +231,17 @@ else:  # not subscriptable at run time
     _Interceptor = grpc.aio.ServerInterceptor
 
 
+@dataclass(eq=False, slots=True)
+class _OpenStream:
+    """A watch stream as a reload needs it: how its caller authenticated, and the task serving it."""
+
+    method: str
+    metadata: Sequence[Any] | None
+    context: Context
+    task: asyncio.Task[Any] | None
+    revoked: errors.JobStateError | None = None
+
+
 class SecurityInterceptor(_Interceptor):
     """Authentication, roles, write rate and per-client watch streams for ``jobstate.v1.JobStateService``."""
 
@@ -242,12 +256,16 @@ class SecurityInterceptor(_Interceptor):
             else None
         )
         self.watchers: dict[str, int] = {}
+        self.streams: set[_OpenStream] = set()
         self.reloads = 0
+        # Refused calls never reach the service, so they are reported to its observer (metrics) from here.
+        self.observer: Observer | None = None
 
     # -- the tokens file -----------------------------------------------------------------------------------
 
     def reload(self) -> bool:
-        """Reads the tokens file again (on SIGHUP). A bad file keeps the old table; open streams go on."""
+        """Reads the tokens file again (on SIGHUP). Open watch streams whose caller the new table no longer
+        accepts end with UNAUTHENTICATED (or PERMISSION_DENIED); a bad file keeps the old table and every stream."""
         if not self.config.auth_tokens_file:
             return False
         try:
@@ -257,7 +275,19 @@ class SecurityInterceptor(_Interceptor):
             return False
         self.tokens = table
         self.reloads += 1
-        log.info("tokens file reloaded", extra={"tokens": len(table.tokens), "certs": len(table.certs)})
+        ended = 0
+        for stream in list(self.streams):
+            try:
+                self.authorize(self.authenticate(stream.metadata, stream.context), stream.method)
+            except errors.JobStateError as exc:
+                if stream.task is not None and stream.revoked is None:
+                    stream.revoked = exc
+                    stream.task.cancel()  # the stream's guard turns the cancellation into ``exc``
+                    ended += 1
+        log.info(
+            "tokens file reloaded",
+            extra={"tokens": len(table.tokens), "certs": len(table.certs), "streams_ended": ended},
+        )
         return True
 
     # -- checks --------------------------------------------------------------------------------------------
@@ -334,12 +364,14 @@ class SecurityInterceptor(_Interceptor):
             )
         return handler
 
-    async def _refuse(self, context: Context, method: str, exc: errors.JobStateError) -> None:
+    async def _refuse(self, context: Context, method: str, exc: errors.JobStateError, *, observe: bool = True) -> None:
         log.info(
             "call refused",
             extra={"method": method, "peer": context.peer(), "reason": exc.reason, "why": exc.message},
         )
         status = to_status(exc)
+        if observe and self.observer is not None:
+            self.observer.observe(method, status.code, 0.0)
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     def _guard_unary(
@@ -372,10 +404,20 @@ class SecurityInterceptor(_Interceptor):
                 await self._refuse(context, method, exc)
             key = principal.name
             self.watchers[key] = self.watchers.get(key, 0) + 1
+            stream = _OpenStream(method, metadata, context, asyncio.current_task())
+            self.streams.add(stream)
             try:
                 async for item in inner(request, context):
                     yield item
+            except asyncio.CancelledError:
+                if stream.revoked is None or stream.task is None:
+                    raise
+                # Cancelled by a reload that no longer accepts this caller: end with the reason, not CANCELLED.
+                stream.task.uncancel()
+                # The service has counted the stream's end already (as cancelled).
+                await self._refuse(context, method, stream.revoked, observe=False)
             finally:
+                self.streams.discard(stream)
                 left = self.watchers[key] - 1
                 if left:
                     self.watchers[key] = left
