@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -399,3 +400,44 @@ def test_only_unavailable_and_server_cancelled_reads_are_retried() -> None:
     for code in grpc.StatusCode:
         if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             assert not core.should_retry_read(JobStateError.for_code(code)("x"))
+
+
+@dataclass
+class Policy:
+    closed: bool = False
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=1.0, maximum=1.0))
+    read_attempts: int = 3
+    rate_limited_retries: int = 2
+
+
+def rate_limited(delay: float | None) -> ResourceExhausted:
+    return ResourceExhausted("slow down", Reason.RATE_LIMITED, retry_delay=delay)
+
+
+@pytest.mark.parametrize(
+    ("policy", "error", "attempt", "read", "want"),
+    [
+        (Policy(), Unavailable("down"), 1, True, (0.5, 1.0)),
+        (Policy(), Unavailable("down"), 3, True, None),  # read_attempts spent
+        (Policy(), Unavailable("down"), 1, False, None),  # a write's outcome is unknown: never again
+        (Policy(), Cancelled("stopping"), 2, True, (0.5, 1.0)),
+        (Policy(), rate_limited(0.25), 1, False, (0.25, 0.25)),  # the server's hint, exactly
+        (Policy(), rate_limited(0.25), 2, True, (0.25, 0.25)),
+        (Policy(), rate_limited(0.25), 3, False, None),  # rate_limited_retries spent
+        (Policy(), rate_limited(None), 1, False, (0.5, 1.0)),  # no hint: the backoff
+        (Policy(), rate_limited(3600), 1, False, (core.MAX_RETRY_HINT, core.MAX_RETRY_HINT)),
+        (Policy(rate_limited_retries=0), rate_limited(0.25), 1, False, None),
+        (Policy(closed=True), Unavailable("down"), 1, True, None),
+        (Policy(closed=True), rate_limited(0.25), 1, False, None),
+        (Policy(), ResourceExhausted("too many", Reason.LIMIT_EXCEEDED), 1, False, None),
+    ],
+)
+def test_retry_delay(
+    policy: Policy, error: JobStateError, attempt: int, read: bool, want: tuple[float, float] | None
+) -> None:
+    got = core.retry_delay(policy, error, attempt, read=read)
+    if want is None:
+        assert got is None
+    else:
+        assert got is not None
+        assert want[0] <= got <= want[1]

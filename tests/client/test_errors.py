@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 import jobstate.client
@@ -403,6 +403,18 @@ def test_from_rpc_error_reads_error_info() -> None:
     assert (err.reason, err.resume_revision, err.message) == (Reason.WATCHER_LAGGED, 41, "lagged")
     assert err.current_version is None
     assert err.oldest_revision is None
+
+
+def test_from_rpc_error_reads_retry_info() -> None:
+    info, retry = any_pb2.Any(), any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=Reason.RATE_LIMITED, domain="jobstate"))
+    retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1, nanos=250_000_000)))
+    raw = status_pb2.Status(code=8, message="slow down", details=[retry, info]).SerializeToString()
+    err = JobStateError.from_rpc_error(
+        FakeCall(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", (("grpc-status-details-bin", raw),))
+    )
+    assert (err.reason, err.retry_delay) == (Reason.RATE_LIMITED, 1.25)
+    assert JobStateError.from_rpc_error(FakeCall(grpc.StatusCode.UNAVAILABLE, "", ())).retry_delay is None
 
 
 def test_from_rpc_error_without_details() -> None:

@@ -3,6 +3,7 @@ client hitting a limit leaves every other client's calls untouched. Dead watcher
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from secutil import ROOT, TOKENS, bearer
 
+from jobstate.client import AsyncClient, Client, JobStateError, Reason, ResourceExhausted
 from jobstate.server import rules
 from jobstate.v1 import job_state_pb2 as pb
 from jobstate.v1 import job_state_service_pb2 as spb
@@ -81,6 +83,48 @@ def test_write_rate_limit_gives_a_retry_hint_and_spares_other_clients(make_serve
         # After the hinted delay, Bob can write again.
         time.sleep(max(d["retry_delay"] for d in limited[-1:]) + 0.05)
         stub.CreateJob(spb.CreateJobRequest(job_id="bob-again"), timeout=TIMEOUT, metadata=bob)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_clients_wait_out_the_rate_limit_hint(make_server: Any, tokens_file: Path, kind: str) -> None:
+    server = make_server(auth_tokens_file=str(tokens_file), write_rate_per_client=20, write_burst_per_client=2)
+    writes = 12
+
+    async def write_all(retries: int) -> tuple[int, list[JobStateError]]:
+        """Creates ``writes`` jobs as fast as the client lets it; returns how many were accepted, and refusals."""
+        refused: list[JobStateError] = []
+        accepted = 0
+        if kind == "sync":
+            with Client(server.target, token=TOKENS["writer"], rate_limited_retries=retries) as c:
+                for i in range(writes):
+                    try:
+                        c.create_job(f"{kind}-{retries}-{i}")
+                        accepted += 1
+                    except JobStateError as exc:
+                        refused.append(exc)
+        else:
+            async with AsyncClient(server.target, token=TOKENS["writer"], rate_limited_retries=retries) as a:
+                for i in range(writes):
+                    try:
+                        await a.create_job(f"{kind}-{retries}-{i}")
+                        accepted += 1
+                    except JobStateError as exc:
+                        refused.append(exc)
+        return accepted, refused
+
+    # Without retries the burst goes through and the rest is refused, each refusal with the server's hint.
+    accepted, refused = asyncio.run(write_all(0))
+    assert accepted < writes
+    assert refused
+    assert {(type(e), e.reason) for e in refused} == {(ResourceExhausted, Reason.RATE_LIMITED)}
+    assert all(e.retry_delay is not None and 0 < e.retry_delay <= 0.05 + 1e-3 for e in refused)
+    # With them, every write lands: the client waited as told instead of failing.
+    time.sleep(0.2)  # a fresh burst
+    accepted, refused = asyncio.run(write_all(3))
+    assert (accepted, refused) == (writes, [])
+    with Client(server.target, token=TOKENS["reader"]) as reader:
+        names = {j.job_id for j in reader.iter_jobs()}
+    assert {f"{kind}-3-{i}" for i in range(writes)} <= names
 
 
 def _open_watch(stub: spb_grpc.JobStateServiceStub, md: Any) -> Any:

@@ -33,6 +33,7 @@ class AsyncClient:
         channel: grpc.aio.Channel | None = None,
         backoff: Backoff = core.DEFAULT_BACKOFF,
         read_attempts: int = 4,
+        rate_limited_retries: int = 3,
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
@@ -54,6 +55,7 @@ class AsyncClient:
         self.metadata = core.call_metadata(metadata, token)
         self.backoff = backoff
         self.read_attempts = read_attempts
+        self.rate_limited_retries = rate_limited_retries
         self._stub = spb_grpc.JobStateServiceStub(channel)
         # Set by close(): the calls it cancels end there, never retried or resumed.
         self.closed = False
@@ -69,17 +71,17 @@ class AsyncClient:
         await self.close()
 
     async def _call(self, method: Callable[..., Any], request: Any, *, read: bool = False) -> Any:
-        attempts = self.read_attempts if read else 1
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return await method(request, timeout=self.timeout, metadata=self.metadata)
             except grpc.RpcError as exc:
                 err = JobStateError.from_rpc_error(exc)
-                if attempt < attempts and not self.closed and core.should_retry_read(err):
-                    await asyncio.sleep(self.backoff.delay(attempt))
-                    continue
-                raise err from exc
-        raise AssertionError("unreachable")
+                delay = core.retry_delay(self, err, attempt, read=read)
+                if delay is None:
+                    raise err from exc
+            await asyncio.sleep(delay)
 
     async def create_job(
         self, job_id: str = "", *, timeout: Seconds | None = None, comment: str = ""

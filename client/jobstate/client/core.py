@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
@@ -273,6 +273,37 @@ def should_retry_read(exc: JobStateError) -> bool:
     """Reads are idempotent: retry them when the server could not be reached, is restarting, or cancelled
     the call while stopping."""
     return exc.code in RETRYABLE_CODES
+
+
+# The longest a RetryInfo hint is waited for in one go: a hint past it is the server's configuration gone odd.
+MAX_RETRY_HINT = 30.0
+
+
+class RetryPolicy(Protocol):
+    """What ``retry_delay`` reads of a client."""
+
+    closed: bool
+    backoff: Backoff
+    read_attempts: int
+    rate_limited_retries: int
+
+
+def retry_delay(client: RetryPolicy, exc: JobStateError, attempt: int, *, read: bool) -> float | None:
+    """How long to wait before sending a failed call again (its ``attempt``-th failure), or None to raise.
+
+    Reads are retried on UNAVAILABLE and CANCELLED (``read_attempts`` attempts in all). Any call refused with
+    RATE_LIMITED was not applied, so writes too are sent again, after the server's RetryInfo delay, up to
+    ``rate_limited_retries`` times. A write that failed otherwise is never retried: it may have been committed.
+    A closed client retries nothing.
+    """
+    if client.closed:
+        return None
+    if read and attempt < client.read_attempts and should_retry_read(exc):
+        return client.backoff.delay(attempt)
+    if exc.reason == Reason.RATE_LIMITED and attempt <= client.rate_limited_retries:
+        hint = exc.retry_delay if exc.retry_delay is not None else client.backoff.delay(attempt)
+        return min(hint, MAX_RETRY_HINT)
+    return None
 
 
 # --- watch resumption --------------------------------------------------------------------------------------

@@ -52,11 +52,15 @@ class JobStateError(Exception):
             raise TypeError(f"{cls.__name__}: {cls.code} already maps to {JobStateError._by_code[cls.code].__name__}")
         JobStateError._by_code[cls.code] = cls
 
-    def __init__(self, message: str, reason: str = "", metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, reason: str = "", metadata: dict[str, str] | None = None, retry_delay: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})
+        # Seconds to wait before trying again, from the server's google.rpc.RetryInfo (RATE_LIMITED sends one).
+        self.retry_delay = retry_delay
 
     def __str__(self) -> str:
         head = f"{self.code.name}"
@@ -91,26 +95,32 @@ class JobStateError(Exception):
         message: str = call.details() or ""
         reason: str = ""
         metadata: dict[str, str] = {}
+        retry_delay: float | None = None
         for key, value in call.trailing_metadata() or ():
             if key == _DETAILS_KEY and isinstance(value, bytes):
-                reason, metadata = _error_info(value)
-        return cls.for_code(code)(message, reason, metadata)
+                reason, metadata, retry_delay = _details(value)
+        return cls.for_code(code)(message, reason, metadata, retry_delay)
 
 
 def _int(value: str | None) -> int | None:
     return int(value) if value is not None and value.lstrip("-").isdigit() else None
 
 
-def _error_info(details: bytes) -> tuple[str, dict[str, str]]:
+def _details(data: bytes) -> tuple[str, dict[str, str], float | None]:
+    """The ErrorInfo reason and metadata, and the RetryInfo delay, of a ``google.rpc.Status``."""
     try:
-        status = status_pb2.Status.FromString(details)
+        status = status_pb2.Status.FromString(data)
     except Exception:  # a malformed detail must not hide the status code itself
-        return "", {}
+        return "", {}, None
+    reason, metadata, delay = "", {}, None
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
-        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
-            return info.reason, dict(info.metadata)
-    return "", {}
+        retry = error_details_pb2.RetryInfo()
+        if not reason and detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+        elif delay is None and detail.Is(retry.DESCRIPTOR) and detail.Unpack(retry):
+            delay = max(0.0, retry.retry_delay.ToNanoseconds() / 1e9)
+    return reason, metadata, delay
 
 
 class Cancelled(JobStateError):

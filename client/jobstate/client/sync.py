@@ -24,8 +24,11 @@ class Client:
     """A blocking client of ``jobstate.v1.JobStateService``.
 
     Every method returns the RPC's response message (``.job``, ``.revision``, ...) and raises a
-    ``JobStateError`` subclass on failure. Reads are retried on UNAVAILABLE; writes never are (a write whose
-    answer was lost may have been committed: read, then decide).
+    ``JobStateError`` subclass on failure. Reads are retried (``read_attempts`` in all) on UNAVAILABLE and on
+    CANCELLED by a server stopping; a failed write never is (a write whose answer was lost may have been
+    committed: read, then decide), except one refused with RATE_LIMITED, which was not applied: it is sent
+    again after the server's RetryInfo delay, up to ``rate_limited_retries`` times (0: raise at once; the
+    exception's ``retry_delay`` carries the hint).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class Client:
         channel: grpc.Channel | None = None,
         backoff: Backoff = core.DEFAULT_BACKOFF,
         read_attempts: int = 4,
+        rate_limited_retries: int = 3,
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
@@ -59,6 +63,7 @@ class Client:
         self.metadata = core.call_metadata(metadata, token)
         self.backoff = backoff
         self.read_attempts = read_attempts
+        self.rate_limited_retries = rate_limited_retries
         self._stub = spb_grpc.JobStateServiceStub(channel)
         # Set by close(): the calls it cancels end there, never retried or resumed.
         self.closed = False
@@ -76,17 +81,17 @@ class Client:
     # -- plumbing ------------------------------------------------------------------------------------------
 
     def _call(self, method: Callable[..., R], request: Any, *, read: bool = False) -> R:
-        attempts = self.read_attempts if read else 1
-        for attempt in range(1, attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return method(request, timeout=self.timeout, metadata=self.metadata)
             except grpc.RpcError as exc:
                 err = JobStateError.from_rpc_error(exc)
-                if attempt < attempts and not self.closed and core.should_retry_read(err):
-                    time.sleep(self.backoff.delay(attempt))
-                    continue
-                raise err from exc
-        raise AssertionError("unreachable")
+                delay = core.retry_delay(self, err, attempt, read=read)
+                if delay is None:
+                    raise err from exc
+            time.sleep(delay)
 
     # -- RPCs ----------------------------------------------------------------------------------------------
 
