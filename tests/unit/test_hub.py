@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Iterable
 
 import pytest
@@ -634,3 +635,19 @@ async def test_restart_at_forgets_what_is_held_and_ends_every_stream() -> None:
     fresh = hub.watch(WatchSpec(start_revision=51))
     assert revisions(await next_response(fresh)) == [51]
     await fresh.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_stream_lets_go_of_its_initial_snapshot() -> None:
+    store = new_store()
+    await store.create_job("a")
+    stream = store.watch(WatchSpec(send_initial_state=True))
+    r = await next_response(stream)
+    assert [e.type for e in r.events] == [INITIAL, BOOKMARK]
+    task = await is_waiting(stream)  # live now, past the snapshot
+    old = store._jobs["a"].data
+    await store.update_job_state("a", JS.JOB_STATE_TYPE_QUEUED)
+    assert store._jobs["a"].data is not old
+    await asyncio.wait_for(task, WAIT)
+    # Only this test's name holds the job's old bytes (and getrefcount's argument): not the stream.
+    assert sys.getrefcount(old) == 2
+    await stream.aclose()  # type: ignore[attr-defined]

@@ -746,6 +746,7 @@ class EtcdStore(Store):
                 rows, revision = await self._all_jobs()
                 async for message in self._initial(spec, rows, revision):
                     yield message
+                del rows  # sent: a long-lived stream must not pin the snapshot
                 start = revision + 1
             elif spec.start_revision:
                 start = spec.start_revision

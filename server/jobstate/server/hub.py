@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -165,8 +164,38 @@ class HubStats:
     watchers_started: int = 0
 
 
-_NO_PENDING: deque[Change] = deque(maxlen=0)
-_UNUSED_WAKE = asyncio.Event()
+class _Wake:
+    """A filtered watcher's wake-up: ``asyncio.Event``'s behaviour for one waiter, without the Event's deque
+    of waiters (about 600 bytes a watcher); a future exists only while the watcher waits."""
+
+    __slots__ = ("flag", "waiter")
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self.flag = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self.flag = False
+
+    async def wait(self) -> None:
+        if self.flag:
+            return
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+
+# Unfiltered watchers read the ring only: they share these, never pushed to (a list is 56 bytes; a deque ~600).
+_NO_PENDING: list[Change] = []
+_UNUSED_WAKE = _Wake()
 
 
 class _Watcher:
@@ -184,12 +213,12 @@ class _Watcher:
         self.overflow = True
         if self.unfiltered:
             # Read only from the ring and woken by the hub's shared event: an idle watcher of every job keeps
-            # no queue and no event of its own (two deques, about 1.3 KB, per watcher).
-            self.pending: deque[Change] = _NO_PENDING
+            # no queue and no wake-up of its own.
+            self.pending: list[Change] = _NO_PENDING
             self.wake = _UNUSED_WAKE
         else:
-            self.pending = deque()
-            self.wake = asyncio.Event()
+            self.pending = []
+            self.wake = _Wake()
 
     def matches(self, c: Change) -> bool:
         return (self.job_ids is None or c.job_id in self.job_ids) and (not self.node_id or self.node_id in c.nodes)
@@ -472,6 +501,8 @@ class WatchHub:
             if snap is not None:
                 async for message in self._initial(snap):
                     yield message
+                # Sent: let go of it, or a long-lived stream would pin every job's bytes as they were then.
+                snap = None
             while True:
                 if w.failure is not None:
                     raise w.failure
@@ -486,7 +517,7 @@ class WatchHub:
                 if more:
                     await asyncio.sleep(0)
                     continue
-                wake = self._wake if w.unfiltered else w.wake
+                wake: asyncio.Event | _Wake = self._wake if w.unfiltered else w.wake
                 if w.unfiltered:
                     self._idle_unfiltered += 1
                     if self._idle_unfiltered == self._unfiltered and self._last_wake:
@@ -533,13 +564,17 @@ class WatchHub:
         size = 0
         pending = w.pending
         last = 0
-        while pending and size < self._max_batch_bytes:
-            c = pending.popleft()
+        taken = 0
+        waiting = len(pending)
+        while taken < waiting and size < self._max_batch_bytes:
+            c = pending[taken]
+            taken += 1
             if c.revision < w.cursor:
                 continue
             frames.append(c.frame)
             size += len(c.frame)
             last = c.revision
+        del pending[:taken]
         if pending:
             w.cursor = last + 1
         else:
