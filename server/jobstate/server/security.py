@@ -231,6 +231,12 @@ else:  # not subscriptable at run time
     _Interceptor = grpc.aio.ServerInterceptor
 
 
+async def _close(messages: AsyncIterator[Any]) -> None:
+    aclose = getattr(messages, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 @dataclass(eq=False, slots=True)
 class _OpenStream:
     """A watch stream as a reload needs it: how its caller authenticated, and the task serving it."""
@@ -240,6 +246,16 @@ class _OpenStream:
     context: Context
     task: asyncio.Task[Any] | None
     revoked: errors.JobStateError | None = None
+    # True while the task waits for the service's next message. Only then may a reload cancel it: cancelled
+    # anywhere else (inside grpc, sending the last message), the call would be left open with no status.
+    waiting: bool = False
+
+    def revoke(self, exc: errors.JobStateError) -> None:
+        if self.revoked is not None:
+            return
+        self.revoked = exc
+        if self.waiting and self.task is not None:
+            self.task.cancel()  # the stream's guard turns the cancellation into ``exc``
 
 
 class SecurityInterceptor(_Interceptor):
@@ -280,9 +296,8 @@ class SecurityInterceptor(_Interceptor):
             try:
                 self.authorize(self.authenticate(stream.metadata, stream.context), stream.method)
             except errors.JobStateError as exc:
-                if stream.task is not None and stream.revoked is None:
-                    stream.revoked = exc
-                    stream.task.cancel()  # the stream's guard turns the cancellation into ``exc``
+                if stream.revoked is None:
+                    stream.revoke(exc)  # ends it now if it waits, else when it next asks for a message
                     ended += 1
         log.info(
             "tokens file reloaded",
@@ -404,17 +419,30 @@ class SecurityInterceptor(_Interceptor):
                 await self._refuse(context, method, exc)
             key = principal.name
             self.watchers[key] = self.watchers.get(key, 0) + 1
-            stream = _OpenStream(method, metadata, context, asyncio.current_task())
+            stream = _OpenStream(method, metadata, context, None)
             self.streams.add(stream)
+            messages = aiter(inner(request, context))
             try:
-                async for item in inner(request, context):
+                while stream.revoked is None:
+                    # Whichever task asks for this message is the one a reload cancels.
+                    stream.task = asyncio.current_task()
+                    stream.waiting = True
+                    try:
+                        item = await anext(messages)
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.CancelledError:
+                        if stream.revoked is None or stream.task is None:
+                            raise
+                        # Cancelled by a reload that no longer accepts this caller: end with the reason.
+                        stream.task.uncancel()
+                        break
+                    finally:
+                        stream.waiting = False
                     yield item
-            except asyncio.CancelledError:
-                if stream.revoked is None or stream.task is None:
-                    raise
-                # Cancelled by a reload that no longer accepts this caller: end with the reason, not CANCELLED.
-                stream.task.uncancel()
-                # The service has counted the stream's end already (as cancelled).
+                # Release the watcher now, then end the call with the reason. (The service counts a stream cut
+                # short as cancelled; the reason goes to the client only.)
+                await _close(messages)
                 await self._refuse(context, method, stream.revoked, observe=False)
             finally:
                 self.streams.discard(stream)
