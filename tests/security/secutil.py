@@ -51,6 +51,15 @@ def tokens_text(**extra: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
+    """Polls ``predicate`` until it holds; ``timeout`` only bounds a test that would otherwise hang."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 

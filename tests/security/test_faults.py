@@ -10,13 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from faultproxy import FaultProxy
-from secutil import LoadGen, ThreadServer, client_env
+from secutil import LoadGen, ThreadServer, client_env, wait_for
 
 from jobstate.server.main import ServerConfig
 
@@ -28,14 +27,6 @@ channel = grpc.insecure_channel(sys.argv[1])
 for response in g.JobStateServiceStub(channel).Watch(spb.WatchRequest(send_initial_state=True)):
     print("ready", flush=True)
 """
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def chaos(scale: dict[str, Any], cut_every: float, kills: int) -> None:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from secutil import ROOT, TOKENS, bearer
+from secutil import ROOT, TOKENS, bearer, wait_for
 
 from jobstate.client import AsyncClient, Client, JobStateError, Reason, ResourceExhausted
 from jobstate.server import rules
@@ -40,14 +39,6 @@ def details(exc: grpc.RpcError) -> dict[str, Any]:
         elif d.Unpack(retry):
             out["retry_delay"] = retry.retry_delay.ToNanoseconds() / 1e9
     return out
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_write_rate_limit_gives_a_retry_hint_and_spares_other_clients(make_server: Any, tokens_file: Path) -> None:

@@ -3,14 +3,15 @@ server refuses plaintext on a non-loopback address."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from pki import PKI
-from secutil import TOKENS, bearer
+from pki import CA, PKI
+from secutil import TOKENS, bearer, wait_for
 
 from jobstate.server.main import ServerConfig, build_server, check_transport
 from jobstate.v1 import job_state_service_pb2 as spb
@@ -105,7 +106,9 @@ def test_plaintext_on_a_non_loopback_address_is_refused(pki: PKI) -> None:
     assert check_transport(ServerConfig(host="localhost")) is None
     assert check_transport(ServerConfig(host="0.0.0.0", insecure=True)) is None
     tls = ServerConfig(host="0.0.0.0", tls_cert=str(pki.server.cert), tls_key=str(pki.server.key))
-    assert isinstance(check_transport(tls), grpc.ServerCredentials)
+    files = check_transport(tls)
+    assert files is not None
+    assert isinstance(files.credentials(), grpc.ServerCredentials)
 
 
 def test_half_a_tls_configuration_is_refused(pki: PKI) -> None:
@@ -113,3 +116,32 @@ def test_half_a_tls_configuration_is_refused(pki: PKI) -> None:
         check_transport(ServerConfig(tls_cert=str(pki.server.cert)))
     with pytest.raises(ValueError, match="--tls-cert"):
         check_transport(ServerConfig(tls_client_ca=str(pki.ca)))
+
+
+def test_sighup_reloads_the_tls_files_for_new_connections(server_process: Any, pki: PKI, tmp_path: Path) -> None:
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(pki.server.cert.read_bytes())
+    key.write_bytes(pki.server.key.read_bytes())
+    server = server_process(credentials=creds(pki), tls_cert=str(cert), tls_key=str(key))
+    renewed_ca = CA(tmp_path, "renewed-ca")
+    renewed = renewed_ca.issue("jobstate-server-renewed", server=True)
+    with grpc.secure_channel(server.target, creds(pki)) as before:
+        assert list_jobs(before).revision == 0
+        # Half a renewal (the new certificate, the old key) is refused, and the server keeps its files.
+        cert.write_bytes(renewed.cert.read_bytes())
+        server.signal(signal.SIGHUP)
+        wait_for(lambda: "TLS files not reloaded" in server.log(), what="the refused reload to be logged")
+        with grpc.secure_channel(server.target, creds(pki)) as fresh:
+            assert list_jobs(fresh).revision == 0
+        # The whole renewal: new connections get the new certificate.
+        key.write_bytes(renewed.key.read_bytes())
+        server.signal(signal.SIGHUP)
+        wait_for(lambda: "TLS files reloaded" in server.log(), what="the reload")
+        with grpc.secure_channel(server.target, creds(pki, ca=renewed_ca.pem)) as fresh:
+            assert list_jobs(fresh).revision == 0
+        with grpc.secure_channel(server.target, creds(pki)) as stale:
+            assert code_of(lambda: list_jobs(stale)) == grpc.StatusCode.UNAVAILABLE
+        # A connection made before the reload goes on with the certificate it started with.
+        assert list_jobs(before).revision == 0
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jobstate.server import engines, rules
 from jobstate.server.metrics import Metrics, Observers
-from jobstate.server.security import SecurityConfig, SecurityInterceptor, server_credentials
+from jobstate.server.security import SecurityConfig, SecurityInterceptor, ServerTls
 from jobstate.server.service import SERVICE_NAME, JobStateService, Observer
 from jobstate.server.store import Store
 
@@ -79,7 +79,16 @@ class App:
     metrics: Metrics | None = None
     security: SecurityInterceptor | None = None
     service: JobStateService | None = None
+    tls: ServerTls | None = None
     _sweeper: asyncio.Task[None] | None = None
+
+    def reload(self) -> None:
+        """SIGHUP: the tokens file and the TLS files are read again; each keeps its previous version if the new
+        one is broken."""
+        if self.security is not None:
+            self.security.reload()
+        if self.tls is not None:
+            self.tls.reload()
 
     @property
     def target(self) -> str:
@@ -225,20 +234,22 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     )
     address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
     try:
-        port = server.add_secure_port(address, tls) if tls is not None else server.add_insecure_port(address)
+        port = (
+            server.add_secure_port(address, tls.credentials()) if tls is not None else server.add_insecure_port(address)
+        )
     except RuntimeError as exc:  # grpc reports a failed bind this way; say it as the OS would
         raise OSError(f"cannot listen on {address}: address in use or not available") from exc
-    return App(replace(config, port=port), server, port, store, health_servicer, metrics, security, service)
+    return App(replace(config, port=port), server, port, store, health_servicer, metrics, security, service, tls)
 
 
-def check_transport(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """The TLS credentials the config asks for, after refusing what is unsafe."""
+def check_transport(config: ServerConfig) -> ServerTls | None:
+    """The TLS files the config asks for, read and checked, after refusing what is unsafe."""
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key too")
     if config.tls_cert is not None and config.tls_key is not None:
-        return server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        return ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca)
     if not is_loopback(config.host) and not config.insecure:
         raise ValueError(
             f"refusing to serve plaintext on {config.host}: anyone who can reach it could read and change every "
@@ -304,8 +315,8 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if app.security is not None and config.auth_tokens_file:
-        loop.add_signal_handler(signal.SIGHUP, app.security.reload)
+    if (app.security is not None and config.auth_tokens_file) or app.tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, app.reload)
     if ready is not None:
         ready.set()
     await stop.wait()

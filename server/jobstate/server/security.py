@@ -1,7 +1,7 @@
 """Who may call what: TLS credentials, bearer tokens and roles, per-client limits.
 
-- ``server_credentials`` reads the TLS files: server certificate and key, and optionally a client CA, which
-  makes client certificates required and verified (mTLS).
+- ``ServerTls`` reads the TLS files: server certificate and key, and optionally a client CA, which makes
+  client certificates required and verified (mTLS); a reload (SIGHUP) reads them again for new connections.
 - ``TokenTable`` is a parsed tokens file: ``token role [name]`` lines, and ``cert:CN role [name]`` lines that
   give a role to a verified client certificate by its subject CN. A token is looked up by comparing its
   SHA-256 digest with every known digest in constant time, so neither timing nor an early exit tells how
@@ -22,6 +22,7 @@ import enum
 import hashlib
 import hmac
 import logging
+import ssl
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -68,12 +69,55 @@ class Principal:
 # --- TLS ---------------------------------------------------------------------------------------------------
 
 
-def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None = None) -> grpc.ServerCredentials:
-    """TLS credentials; with ``client_ca_file`` every client must present a certificate signed by that CA."""
-    cert = Path(cert_file).read_bytes()
-    key = Path(key_file).read_bytes()
-    ca = Path(client_ca_file).read_bytes() if client_ca_file else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+class ServerTls:
+    """The server's TLS files, read again on ``reload`` (SIGHUP) so a renewed certificate needs no restart.
+
+    grpc asks ``fetch`` before each new connection's handshake: it gets the files read by the last good reload
+    once, then None (keep what you have). Connections already open keep the certificate they started with.
+    A reload checks that the certificate and key match and that the CA parses before anything is replaced, so a
+    half-written renewal is refused (logged) and the server goes on with the previous files.
+    """
+
+    def __init__(self, cert_file: str, key_file: str, client_ca_file: str | None = None) -> None:
+        self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
+        self._initial = self._read()
+        self._next: grpc.ServerCertificateConfiguration | None = None
+        self.reloads = 0
+
+    def _read(self) -> grpc.ServerCertificateConfiguration:
+        cert = Path(self.cert_file).read_bytes()
+        key = Path(self.key_file).read_bytes()
+        ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            check.load_cert_chain(self.cert_file, self.key_file)
+            if self.client_ca_file:
+                check.load_verify_locations(self.client_ca_file)
+        except ssl.SSLError as exc:
+            raise ValueError(f"TLS files {self.cert_file}, {self.key_file}: {exc.reason or exc}") from exc
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial,
+            self.fetch,  # type: ignore[arg-type]  # the stubs leave out None, which grpc reads as "no change"
+            require_client_authentication=self.client_ca_file is not None,
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by grpc's own threads: one assignment each way, no lock needed under the GIL.
+        config, self._next = self._next, None
+        return config
+
+    def reload(self) -> bool:
+        try:
+            self._next = self._read()
+        except (OSError, ValueError) as exc:
+            log.error("TLS files not reloaded, keeping the previous ones", extra={"error": str(exc)})
+            return False
+        self.reloads += 1
+        log.info("TLS files reloaded: new connections use them", extra={"cert": self.cert_file})
+        return True
 
 
 # --- tokens ------------------------------------------------------------------------------------------------
