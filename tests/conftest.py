@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 from etcd.etcd_server import engine_config as etcd_engine_config
-from etcd.etcd_server import etcd_server, make_etcd  # noqa: F401  (fixtures for every test)
+from etcd.etcd_server import etcd_cluster, etcd_server, make_etcd  # noqa: F401  (fixtures for every test)
 
 from jobstate.server.main import App, ServerConfig, build_server
 

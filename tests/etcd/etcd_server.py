@@ -56,6 +56,8 @@ class EtcdServer:
     def __init__(self, data_dir: str | Path, name: str = "test") -> None:
         self.data_dir = Path(data_dir)
         self.name = name
+        # ``name=peer-url,...`` of every member, for a member of a cluster; None: a cluster of this one.
+        self.initial_cluster: str | None = None
         self.client_port = free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -69,8 +71,18 @@ class EtcdServer:
     def target(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
     def start(self) -> EtcdServer:
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def launch(self) -> None:
+        """Starts the process without waiting: the members of a cluster answer only once a quorum runs."""
+        peer = self.peer_url
         args = [
             etcd_binary(),
             "--name", self.name,
@@ -79,7 +91,7 @@ class EtcdServer:
             "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={peer}",
             "--initial-cluster-state", "new",
             # A job may be up to 2 MiB (rules.Limits.max_job_bytes) and its history entry rides in the same txn.
             "--max-request-bytes", str(8 * 1024 * 1024),
@@ -94,8 +106,6 @@ class EtcdServer:
             )
         finally:
             log.close()
-        self.wait_ready()
-        return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -183,6 +193,23 @@ def make_etcd(tmp_path: Path) -> Iterator[Callable[..., EtcdServer]]:
     finally:
         for server in started:
             server.stop()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path: Path) -> Iterator[list[EtcdServer]]:
+    """Three etcd members on loopback forming one cluster; all are killed after the test."""
+    members = [EtcdServer(tmp_path / f"member-{i}", f"member-{i}") for i in range(3)]
+    cluster = ",".join(f"{m.name}={m.peer_url}" for m in members)
+    try:
+        for m in members:
+            m.initial_cluster = cluster
+            m.launch()
+        for m in members:
+            m.wait_ready()
+        yield members
+    finally:
+        for m in members:
+            m.stop()
 
 
 def unique_prefix() -> str:

@@ -405,3 +405,22 @@ def test_watchers_on_one_server_share_its_etcd_watch(
     for checker, _ in specs:
         assert checker.check_complete(commits) > 0
     assert old.check_complete([*early, *commits]) == len(early) + len(commits)
+
+
+def test_a_member_cut_off_from_its_leader_ends_the_watch(
+    make_server: Callable[..., Any], etcd_cluster: list[EtcdServer]
+) -> None:
+    """Without etcd's require-leader, a member that lost its quorum keeps watches open and silent: a watcher
+    would wait for ever for changes committed elsewhere. With it, the stream ends and the client resumes."""
+    near, *others = etcd_cluster
+    server = on_etcd(make_server, near, "/jobstate")
+    checker = WatchChecker("partitioned")
+    with connect(server) as stub:
+        stream = watch(stub, checker, start_revision=head(stub) + 1)
+        commits = changes_of(stub, "a")
+        read_until(stream, checker, commits[-1].revision, cancel=False)
+        for member in others:
+            member.stop()  # the member left has no quorum, so no leader
+        code, reason, _ = fails(lambda: read_until(stream, checker, commits[-1].revision + 1))
+        assert (code, reason) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+    assert checker.check_complete(commits) == len(commits)

@@ -113,6 +113,9 @@ _EVENT_CACHE = 4096
 # Revisions the follower's hub holds: watchers resuming within them are served by this server alone.
 _HUB_RING = 10_000
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs lack it
+# etcd's WithRequireLeader: a member cut off from its leader ends the watch ("no leader") instead of keeping
+# it open and silent, so watchers resume elsewhere rather than wait for changes that never come.
+_REQUIRE_LEADER = (("hasleader", "true"),)
 _PUT = 0  # mvccpb.Event.EventType
 _DELETE = 1
 
@@ -341,7 +344,7 @@ class EtcdStore(Store):
         revision and the timeout heap current."""
         hub = self._hub
         while not self._closed:
-            call = self._watch_stub.Watch()
+            call = self._watch_stub.Watch(metadata=_REQUIRE_LEADER)
             try:
                 await call.write(self._watch_request(start, prev_kv=True))
                 while True:
@@ -808,7 +811,7 @@ class EtcdStore(Store):
             await queue.put(self._unavailable(exc))
 
     async def _stream(self, w: _Watcher, spec: WatchSpec, start: int) -> AsyncIterator[bytes]:
-        call = self._watch_stub.Watch()
+        call = self._watch_stub.Watch(metadata=_REQUIRE_LEADER)
         # Everything this stream waits for arrives through the queue, so close() can end it at any point.
         w.reader = asyncio.create_task(self._read_watch(call, start, w.queue), name="etcd-watch-reader")
         try:
