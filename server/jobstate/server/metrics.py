@@ -17,7 +17,8 @@ separate numbers.
 
 Metric names (all prefixed ``jobstate_``):
 
-- ``requests_total{method,code}`` finished RPCs by method and status code name (``OK``, ``NOT_FOUND``...);
+- ``requests_total{method,code}`` finished RPCs by method and status code name (``OK``, ``NOT_FOUND``...),
+  including calls the security layer refused (``UNAUTHENTICATED``, ``PERMISSION_DENIED``, rate limited);
   a Watch stream counts once, when it ends.
 - ``request_duration_seconds{method}`` latency histogram of the unary RPCs (a Watch's duration is its stream's
   lifetime, not a latency, so Watch is left out).
