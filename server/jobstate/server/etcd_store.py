@@ -190,12 +190,13 @@ def _follow_lost() -> StoreUnavailable:
 class _Event:
     """One etcd event of a job key, as a watcher needs it: filter keys and the framed ``WatchEvent``."""
 
-    __slots__ = ("frame", "job_id", "nodes")
+    __slots__ = ("frame", "job_id", "nodes", "state")
 
-    def __init__(self, job_id: str, nodes: tuple[str, ...], frame: bytes) -> None:
+    def __init__(self, job_id: str, nodes: tuple[str, ...], frame: bytes, state: int) -> None:
         self.job_id = job_id
         self.nodes = nodes
         self.frame = frame
+        self.state = state  # the job's state after the change (for a deletion, before it)
 
 
 class _Watcher:
@@ -369,10 +370,9 @@ class EtcdStore(Store):
                         if ev.type == _DELETE:
                             self._states.pop(event.job_id, None)
                         else:
-                            job = pb.JobState.FromString(ev.kv.value)
-                            self._states[event.job_id] = job.state
-                            if ev.kv.create_revision == revision:
-                                self._track_timeout(job, ev.kv.create_revision)
+                            self._states[event.job_id] = event.state
+                            if ev.kv.create_revision == revision:  # only a new job can bring a new timeout
+                                self._track_timeout(pb.JobState.FromString(ev.kv.value), revision)
                         if revision > hub.head_revision:
                             hub.skip_to(revision - 1)  # other keys' revisions
                             hub.publish_change(Change.restored(revision, event.job_id, event.nodes, event.frame))
@@ -722,7 +722,7 @@ class EtcdStore(Store):
             job_bytes = job.SerializeToString()
         # A deletion has no time of its own in etcd: its event carries the job's last update_time.
         frame = encode_event(event_type, revision, job_bytes, job.update_time.ToNanoseconds())
-        event = _Event(job.job_id, node_tuple(job), frame)
+        event = _Event(job.job_id, node_tuple(job), frame, job.state)
         self._events[cache_key] = event
         if len(self._events) > _EVENT_CACHE:
             self._events.popitem(last=False)
