@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine
@@ -221,14 +222,29 @@ async def fanout_watchers(system: str, target: str, p: dict[str, Any], sync: Syn
     t_start_box = sync.t_start
 
     async def watcher(k: int) -> None:
-        nonlocal received, responses, last_receipt
-        live = False
         _incr(sync.started)
+        for attempt in range(1, 6):
+            try:
+                await watch_once(k)
+                return
+            except Exception as exc:
+                if k in live:
+                    raise
+                # Refused before its first event (a server busy accepting a thousand streams at once can refuse
+                # some): said, and opened again from the same revision, so nothing is missed or counted twice.
+                print(f"watcher {k}: {exc!r} (attempt {attempt}); opening it again", file=sys.stderr, flush=True)
+                await asyncio.sleep(0.1 * attempt)
+        raise RuntimeError(f"watcher {k} could not open its stream")
+
+    live: set[int] = set()
+
+    async def watch_once(k: int) -> None:
+        nonlocal received, responses, last_receipt
         async for batch in b.watch(jobs[k % len(jobs)] if p["single"] else None, start):
             if not batch:
                 continue
-            if not live:
-                live = True
+            if k not in live:
+                live.add(k)
                 _incr(sync.ready)
             now = time.time_ns()
             t_start = t_start_box.value
