@@ -645,7 +645,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--etcd-endpoints", default="", metavar="URL[,URL...]", help="etcd members for --store etcd")
     p.add_argument("--etcd-prefix", default="/jobstate", help="key prefix of the jobs in etcd")
     g = p.add_argument_group("security (SECURITY.md)")
-    g.add_argument("--tls-cert", dest="server_tls_cert", metavar="FILE", help="server certificate (PEM): TLS only; read again on SIGHUP")
+    g.add_argument(
+        "--tls-cert",
+        dest="server_tls_cert",
+        metavar="FILE",
+        help="server certificate (PEM): TLS only; read again on SIGHUP",
+    )
     g.add_argument("--tls-key", dest="server_tls_key", metavar="FILE", help="the server certificate's key")
     g.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mTLS)")
     g.add_argument(
