@@ -82,12 +82,13 @@ class ServerTls:
         self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
         self._initial = self._read()
         self._next: grpc.ServerCertificateConfiguration | None = None
-        self.reloads = 0
+
+    def _contents(self) -> tuple[bytes, bytes, bytes | None]:
+        ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
+        return Path(self.cert_file).read_bytes(), Path(self.key_file).read_bytes(), ca
 
     def _read(self) -> grpc.ServerCertificateConfiguration:
-        cert = Path(self.cert_file).read_bytes()
-        key = Path(self.key_file).read_bytes()
-        ca = Path(self.client_ca_file).read_bytes() if self.client_ca_file else None
+        cert, key, ca = self._contents()
         check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             check.load_cert_chain(self.cert_file, self.key_file)
@@ -95,6 +96,9 @@ class ServerTls:
                 check.load_verify_locations(self.client_ca_file)
         except ssl.SSLError as exc:
             raise ValueError(f"TLS files {self.cert_file}, {self.key_file}: {exc.reason or exc}") from exc
+        # ssl checked the files by name: what it read must be what grpc gets, not a renewal written meanwhile.
+        if self._contents() != (cert, key, ca):
+            raise ValueError("TLS files changed while being read; send SIGHUP again once they are written")
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -115,7 +119,6 @@ class ServerTls:
         except (OSError, ValueError) as exc:
             log.error("TLS files not reloaded, keeping the previous ones", extra={"error": str(exc)})
             return False
-        self.reloads += 1
         log.info("TLS files reloaded: new connections use them", extra={"cert": self.cert_file})
         return True
 
@@ -317,7 +320,6 @@ class SecurityInterceptor(_Interceptor):
         )
         self.watchers: dict[str, int] = {}
         self.streams: set[_OpenStream] = set()
-        self.reloads = 0
         # Refused calls never reach the service, so they are reported to its observer (metrics) from here.
         self.observer: Observer | None = None
 
@@ -334,7 +336,6 @@ class SecurityInterceptor(_Interceptor):
             log.error("tokens file not reloaded, keeping the previous one", extra={"error": str(exc)})
             return False
         self.tokens = table
-        self.reloads += 1
         ended = 0
         for stream in list(self.streams):
             try:
