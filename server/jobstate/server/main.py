@@ -80,6 +80,9 @@ class App:
     security: SecurityInterceptor | None = None
     service: JobStateService | None = None
     tls: ServerTls | None = None
+    # time.monotonic() when grpc's own server.stop began; from then on grpc core, not the service, answers
+    # calls that reach the server, and a call still on its way is answered CANCELLED (docs: shutdown).
+    transport_stop_started: float | None = None
     _sweeper: asyncio.Task[None] | None = None
 
     def reload(self) -> None:
@@ -126,6 +129,8 @@ class App:
         await self.store.close()
         if self.service is not None:
             await settle(self.service, deadline)
+        if self.transport_stop_started is None:
+            self.transport_stop_started = time.monotonic()
         await self.server.stop(max(0.0, deadline - loop.time()))
         if self.metrics is not None:
             await self.metrics.stop()
@@ -141,10 +146,15 @@ async def settle(service: JobStateService, deadline: float) -> None:
     """Waits, until ``deadline`` (loop time) at most, for the running unary calls to finish and then for calls
     to stop arriving.
 
-    grpc.aio's ``server.stop`` cancels the calls it holds queued but not yet handed to the service (the client
-    sees CANCELLED) and, when grace ends, whatever still runs. Until it is called, the service answers each new
-    call UNAVAILABLE / SHUTTING_DOWN, which clients take as "try again later or elsewhere", and running calls
-    finish.
+    Until grpc's ``server.stop`` is called, the service answers each new call UNAVAILABLE / SHUTTING_DOWN,
+    which clients take as "try again later or elsewhere", and running calls finish. From that call on, grpc
+    core answers for the server and cannot be told otherwise: it cancels the calls it holds queued but not yet
+    handed to the service, and any call that arrives before the client has read the server's GOAWAY (both are
+    "zombie" calls in grpc core's server, ended by unref, which the client sees as CANCELLED); when grace ends
+    it cancels whatever still runs. Waiting for calls to stop arriving makes that window rare, never
+    impossible: a client may send a call at any instant. docs/CONTRACT.md states the promise that is left:
+    CANCELLED only from a server whose transport is stopping, never applied unless grace ran out, and the
+    jobstate clients retry it for reads and watches.
     """
     loop = asyncio.get_running_loop()
     drained_at: float | None = None
