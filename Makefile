@@ -42,6 +42,9 @@ lint: venv node-deps
 	$(BIN)/ruff format --check server client tests bench scripts
 	$(BIN)/mypy -p jobstate.server -p jobstate.client
 	npx --no-install buf lint
+	@# The .proto files are a public contract: additive changes only, checked against the previous commit.
+	if git rev-parse -q --verify HEAD~1 >/dev/null; then npx --no-install buf breaking --against '.git#ref=HEAD~1'; \
+	else echo "buf breaking: no previous commit to compare with (shallow clone)"; fi
 
 # The etcd engine's tests start real etcd servers: Debian's etcd-server (etcd 3.4), installed when missing.
 etcd-deps:
