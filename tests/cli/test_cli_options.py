@@ -4,6 +4,7 @@ dir another server holds, an unreachable store, and a server that is not there."
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cliutil import CLI, Result, free_port, run, wait_serving
+from cliutil import CLI, LineReader, Result, free_port, run, stop, wait_serving
 
 from jobstate.client import Client
 from jobstate.client.cli import build_parser, main
@@ -138,3 +139,21 @@ def test_no_server_there_says_what_to_check() -> None:
     assert r.code == 1
     assert r.err.startswith("error: UNAVAILABLE")
     assert f"hint: is a jobstate server running at {target}?" in r.err
+
+
+def test_the_startup_line_names_the_engine_and_its_data(spawn: Spawn, tmp_path: Path) -> None:
+    for extra, expected in (
+        ([], {"store": "memory"}),
+        (
+            ["--store", "sqlite", "--data-dir", str(tmp_path / "db")],
+            {"store": "sqlite", "data_dir": str(tmp_path / "db")},
+        ),
+    ):
+        port = free_port()
+        proc = spawn("serve", "--port", str(port), "--log-format", "json", *extra)
+        assert proc.stderr is not None
+        first = json.loads(LineReader(proc.stderr).next(timeout=30))
+        assert first["msg"] == "serving"
+        assert first["address"] == f"127.0.0.1:{port}"
+        assert {k: first.get(k) for k in expected} == expected
+        stop(proc)
