@@ -27,7 +27,15 @@ cleanup() {
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   if [ -z "${KEEP:-}" ]; then rm -rf "$DATA"; else echo "data and logs kept in $DATA" >&2; fi
 }
-trap cleanup INT TERM EXIT
+# Ctrl-C in a terminal reaches etcd and the servers too (the terminal's process group), so they exit with the
+# script. The trap must exit: a handler that only cleaned up would return into the `wait -n` below, which would
+# then report the stopped children as a crash. The EXIT trap does the cleanup, once.
+on_signal() {
+  exit "$1"
+}
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+trap cleanup EXIT
 
 CLUSTER=""
 for i in 1 2 3; do
@@ -92,5 +100,6 @@ Try:  .venv/bin/python -m jobstate --target 127.0.0.1:$((JOBSTATE_PORT + 2)) wat
 Ctrl-C stops everything.
 EOF
 wait -n "${PIDS[@]}" || true
-echo "a process exited; see $DATA/*.log" >&2
+echo "a process exited by itself; its log is in $DATA (kept)" >&2
 KEEP=${KEEP:-1}
+exit 1

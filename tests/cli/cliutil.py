@@ -89,3 +89,19 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTATE_")}
     env.update(extra)
     return env
+
+
+def wait_serving(target: str, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    """Waits until a ``jobstate serve`` process answers at ``target`` (it fails at once if the process exits)."""
+    from jobstate.client import Client
+
+    deadline = time.monotonic() + timeout
+    with Client(target, timeout=1) as c:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                c.head_revision()
+                return
+            except Exception:
+                time.sleep(0.1)  # polling a process that is starting: there is no event to wait on
+    raise AssertionError(f"server at {target} did not start within {timeout}s")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
 from cliutil import run
 
-from jobstate.client import Client
+from jobstate.client import Client, core
 from jobstate.v1 import job_state_pb2 as pb
 
 ES = pb.ExecutionStateType
@@ -35,7 +36,8 @@ def test_demo_drives_a_realistic_workload(server: Any) -> None:
         timeout=60,
     )
     assert r.code == 0, r.err
-    last = r.err.strip().splitlines()[-1]  # piped: one progress line per interval, and a final one
+    # Piped: one progress line per interval, a final one, and what the demo leaves unfinished.
+    last = r.err.strip().splitlines()[-2]
     assert last.startswith("demo ")
     assert " jobs: " in last
     assert " errors (" not in r.err  # every write failure was explained (a timeout), none unexpected
@@ -94,3 +96,44 @@ def test_demo_drives_a_realistic_workload(server: Any) -> None:
     assert timed_out
     # The history is read after the list, so a job can time out in between: judge by the history itself.
     assert all(histories[job_id][-1].job_state.new_state == pb.JOB_STATE_TYPE_ERROR for job_id in timed_out)
+
+
+def test_demo_summary_adds_up_to_the_store_and_says_what_it_leaves(server: Any) -> None:
+    """Stopped mid-run (by --duration), the demo leaves jobs queued or running: its last line counts them, and
+    every count matches the store. No short timeouts, so nothing changes in the store after the demo ends."""
+    r = run(
+        "--target",
+        server.target,
+        "demo",
+        "--duration",
+        "2s",
+        "--rate",
+        "20/s",
+        "--timeout-rate",
+        "0",
+        "--seed",
+        "3",
+        timeout=60,
+    )
+    assert r.code == 0, r.err
+    summary, left = r.err.strip().splitlines()[-2:]
+    m = re.search(
+        r" (\d+) jobs: (\d+) unfinished (\d+) completed (\d+) failed (\d+) timed out (\d+) cancelled ", summary
+    )
+    assert m, summary
+    created, unfinished, completed, failed, timed_out, cancelled = map(int, m.groups())
+    assert unfinished + completed + failed + timed_out + cancelled == created
+
+    with Client(server.target) as c:
+        jobs = list(c.iter_jobs())
+    states = Counter(core.short_job_state(job.state) for job in jobs)
+    assert created == len(jobs)
+    assert completed == states["COMPLETED"]
+    assert failed + timed_out == states["ERROR"]
+    assert cancelled == states["CANCELLED"]
+    assert unfinished == states["NEW"] + states["QUEUED"] + states["IN_PROGRESS"]
+    assert unfinished > 0, "two seconds at normal speed always leaves runs going"
+    assert left.startswith(f"left unfinished in the store: {unfinished} job")
+    for state in ("NEW", "QUEUED", "IN_PROGRESS"):
+        if states[state]:
+            assert f"{states[state]} {state}" in left

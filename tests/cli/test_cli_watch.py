@@ -74,7 +74,7 @@ def test_watch_node_filter_text_lines(cli: Cli, server: Any, spawn: Spawn) -> No
     cli("exec", "create", "j1", "node-a", "--ref", "a")
     cli("exec", "create", "j1", "node-b", "--ref", "b")
     line = lines.next()
-    assert line.split() == ["3", "UPDATED", "j1", "NEW", "v3", "executions:", "2", "new"]
+    assert line.split() == ["3", "UPDATED", "j1", "NEW", "v3", "executions:", "2", "NEW"]
 
 
 def test_watch_from_compacted_revision_exits_1(make_server: Callable[..., Any]) -> None:

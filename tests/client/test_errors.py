@@ -1,4 +1,4 @@
-"""Every row of CONTRACT.md's error table through both clients: exception class, code, reason, metadata.
+"""Every row of docs/CONTRACT.md's error table through both clients: exception class, code, reason, metadata.
 
 Each failing call is also checked to change nothing (the store's revision stays put). Plus: every status code
 maps to exactly one exception class, and the package's public names stay what they are.

@@ -1,4 +1,4 @@
-"""CONTRACT.md through the real gRPC server, once per storage engine (the ``conformance_engine`` fixture).
+"""docs/CONTRACT.md through the real gRPC server, once per storage engine (the ``conformance_engine`` fixture).
 
 Rules the store enforces, every row of the error table, and the watch guarantees (checked by
 ``tests/watchcheck.py``) are written once here and run against every engine in ``conftest.ENGINES``.

@@ -1,4 +1,4 @@
-"""Every error row of CONTRACT.md through the raw generated stubs: status code, ErrorInfo reason and metadata.
+"""Every error row of docs/CONTRACT.md through the raw generated stubs: status code, ErrorInfo reason and metadata.
 
 Also: garbage bytes as the request of every method, oversized requests and unknown enum numbers are refused
 without changing the store, and the server keeps serving.

@@ -146,6 +146,8 @@ def test_tls_and_tokens_through_the_cli(serve: type[Serve], pki: PKI, tokens_fil
     r = jobstate("--target", server.target, "--token", TOKENS["writer"], "create", "plain")
     assert r.code == 1
     assert "UNAVAILABLE" in r.err
+    # ... and the CLI says what to try, since grpc only says the socket closed.
+    assert f"hint: the server at {server.target} may require TLS: give --tls-ca FILE" in r.err, r.err
     # Refusals are logged, tokens never.
     log = server.log()
     assert "reason=PERMISSION_DENIED" in log
@@ -186,6 +188,7 @@ def test_mtls_through_the_cli(serve: type[Serve], pki: PKI, tokens_file: Path) -
     r = jobstate(*tls, "--token", TOKENS["writer"], "create", "j3")
     assert r.code == 1
     assert "UNAVAILABLE" in r.err
+    assert f"hint: the server at {server.target} may require a client certificate (mTLS): give --tls-cert" in r.err
 
 
 def test_serve_refuses_plaintext_on_all_interfaces(tmp_path: Path) -> None:

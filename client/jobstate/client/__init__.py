@@ -3,6 +3,7 @@
 ``Client`` (blocking) and ``AsyncClient`` (asyncio) call every RPC of ``jobstate.v1.JobStateService``;
 ``watch()`` returns a stream that resumes by itself; informers keep a local copy of the jobs current.
 Failures raise a ``JobStateError`` subclass, one per gRPC status code, with the server's ErrorInfo reason.
+``describe()`` and the ``*_name()`` functions give states, events and jobs by name.
 """
 
 from jobstate.client.aio import AsyncClient, AsyncWatchStream
@@ -28,6 +29,7 @@ from jobstate.client.errors import (
     Unknown,
 )
 from jobstate.client.informer import AsyncInformer, Informer
+from jobstate.client.names import describe, event_type_name, execution_state_name, job_state_name
 from jobstate.client.sync import Client, WatchStream
 from jobstate.v1.job_state_pb2 import (
     ExecutionDesiredState,
@@ -79,6 +81,10 @@ __all__ = [
     "WatchEventType",
     "WatchResponse",
     "WatchStream",
+    "describe",
+    "event_type_name",
     "execution_state",
+    "execution_state_name",
     "job_state",
+    "job_state_name",
 ]

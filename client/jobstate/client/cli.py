@@ -40,6 +40,8 @@ _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0
 
 def duration(text: str) -> float:
     """Seconds from ``30s``, ``5m``, ``1h``, ``250ms`` or a plain number of seconds (``1.5``)."""
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"a duration cannot be negative: {text!r} (examples: 30s, 5m, 1h, 1.5)")
     m = _DURATION.match(text)
     if not m:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 30s, 5m, 1h, 1.5)")
@@ -230,13 +232,13 @@ class Context:
 
     def client(self) -> Client:
         try:
-            return Client(self.args.target, timeout=self.args.timeout, **self._security())
+            return Client(self.args.target, timeout=self.args.deadline, **self._security())
         except (OSError, ValueError) as exc:  # a TLS file that cannot be read, half a key pair
             raise UsageError(str(exc)) from exc
 
     def aclient(self) -> AsyncClient:
         try:
-            return AsyncClient(self.args.target, timeout=self.args.timeout, **self._security())
+            return AsyncClient(self.args.target, timeout=self.args.deadline, **self._security())
         except (OSError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
 
@@ -249,8 +251,10 @@ class Context:
 
 
 def cmd_serve(ctx: Context) -> int:
+    from jobstate.server import errors as server_errors
     from jobstate.server import rules
     from jobstate.server.main import ServerConfig, run, setup_logging
+    from jobstate.server.sqlite_store import DataDirInUse
 
     a = ctx.args
     setup_logging(a.log_level, a.log_format)
@@ -280,8 +284,10 @@ def cmd_serve(ctx: Context) -> int:
     )
     try:
         return run(config)
-    except (OSError, ValueError) as exc:  # a taken port or data dir; an engine without what it needs; unsafe TLS
-        ctx.err.write(f"error: {exc}\n")
+    # A taken port or data dir, an engine without what it needs or unreachable, unsafe TLS: one line a person can
+    # act on, not a traceback.
+    except (OSError, ValueError, DataDirInUse, server_errors.JobStateError) as exc:
+        ctx.err.write(f"jobstate serve: error: {exc}\n")
         return EXIT_API_ERROR
 
 
@@ -549,27 +555,55 @@ def run_async(factory: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    """Adds ``(default: X)`` only where the help text does not already say what the default is, and never a
+    default of nothing (``(default: None)``, ``(default: False)``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or "(0:" in text or action.default in (None, False, argparse.SUPPRESS, [], ""):
+            return text
+        return super()._get_help_string(action)
 
 
-def _common(client_security: bool = True) -> argparse.ArgumentParser:
-    """Options accepted both before and after the subcommand (``jobstate get J --output json``).
+DEFAULT_DEADLINE = 10.0
+# The client's options: given before ``serve`` they would be silently ignored, so ``serve`` refuses them.
+CLIENT_ONLY = {
+    "target": "--target",
+    "output": "--output",
+    "deadline": "--deadline",
+    "tls_ca": "--tls-ca",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "token": "--token",
+}
 
-    ``serve`` takes its own --tls-cert/--tls-key (the server's pair), so its copy leaves the client's out.
+
+def _common(timeout_alias: bool = True) -> argparse.ArgumentParser:
+    """The client's options, accepted both before and after the subcommand (``jobstate get J --deadline 5s``).
+
+    ``--timeout`` is the old name of ``--deadline``; ``create`` leaves it out, because there it meant the job's
+    timeout (now ``--job-timeout``).
     """
     p = argparse.ArgumentParser(add_help=False)
-    if client_security:
-        g = p.add_argument_group("TLS and authentication (the client's)")
-        g.add_argument("--tls-ca", metavar="FILE", default=argparse.SUPPRESS, help="use TLS, trusting this CA (PEM)")
-        g.add_argument(
-            "--tls-cert", metavar="FILE", default=argparse.SUPPRESS, help="client certificate, for mTLS (PEM)"
-        )
-        g.add_argument("--tls-key", metavar="FILE", default=argparse.SUPPRESS, help="the client certificate's key")
-        g.add_argument(
-            "--token",
-            default=argparse.SUPPRESS,
-            help="bearer token sent with every call (default: $JOBSTATE_TOKEN)",
-        )
+    names = ["--deadline", "--timeout"] if timeout_alias else ["--deadline"]
+    p.add_argument(
+        *names,
+        dest="deadline",
+        type=duration,
+        metavar="DURATION",
+        default=argparse.SUPPRESS,
+        help=f"deadline of each call, e.g. 5s (default: {DEFAULT_DEADLINE:g}s)"
+        + ("; --timeout is its old name" if timeout_alias else ""),
+    )
+    g = p.add_argument_group("TLS and authentication (the client's)")
+    g.add_argument("--tls-ca", metavar="FILE", default=argparse.SUPPRESS, help="use TLS, trusting this CA (PEM)")
+    g.add_argument("--tls-cert", metavar="FILE", default=argparse.SUPPRESS, help="client certificate, for mTLS (PEM)")
+    g.add_argument("--tls-key", metavar="FILE", default=argparse.SUPPRESS, help="the client certificate's key")
+    g.add_argument(
+        "--token",
+        default=argparse.SUPPRESS,
+        help="bearer token sent with every call (default: $JOBSTATE_TOKEN)",
+    )
     p.add_argument(
         "--target",
         default=argparse.SUPPRESS,
@@ -595,9 +629,22 @@ def _version() -> str:
         return "unknown"
 
 
+class _Ambiguous(argparse.Action):
+    """``create --timeout`` once meant the job's timeout, while ``--timeout`` elsewhere is the call's deadline:
+    rather than guess, say which name to use."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        parser.error(
+            "--timeout is ambiguous here: use --job-timeout for the job's timeout (it moves to ERROR when it "
+            "passes), or --deadline for this call's deadline"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
-    serve_common = _common(client_security=False)
     parser = argparse.ArgumentParser(
         prog="jobstate",
         description="Keep the state of cluster jobs and follow every change: the server, and a client for it.",
@@ -607,12 +654,6 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument(
-        "--timeout",
-        type=duration,
-        default=10.0,
-        help="deadline of each call, e.g. 10s (default: 10s)",
-    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(
@@ -626,7 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=_Formatter,
         )
 
-    p = add("serve", "run the server", "Run the jobstate server until SIGTERM or Ctrl-C.", serve_common)
+    # serve takes none of the client's options: --target, --output or the client's TLS files would do nothing.
+    p = add(
+        "serve",
+        "run the server",
+        "Run the jobstate server until SIGTERM or Ctrl-C.",
+        argparse.ArgumentParser(add_help=False),
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=50051, help="port to listen on (0: a free one)")
     p.add_argument("--history-size", type=non_negative_int, default=100_000, help="changes kept for watchers")
@@ -696,16 +743,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
-    p = add("create", "create a job", "Create a job in state NEW (version 1).")
+    p = add("create", "create a job", "Create a job in state NEW (version 1).", _common(timeout_alias=False))
     p.add_argument("job_id", nargs="?", metavar="JOB_ID", help="the job's id (default: the server makes a UUID)")
     p.add_argument(
-        "--timeout",
+        "--job-timeout",
         dest="job_timeout",
         type=duration,
         default=None,
-        help="the job moves to ERROR if not finished within this, e.g. 30s (the call's deadline is the global "
-        "--timeout, given before the subcommand)",
+        metavar="DURATION",
+        help="the job moves to ERROR if not finished within this, e.g. 10m (default: never)",
     )
+    p.add_argument("--timeout", action=_Ambiguous, help=argparse.SUPPRESS)
     p.add_argument("--comment", default="", help="recorded in the job's history")
     p.set_defaults(func=cmd_create)
 
@@ -825,14 +873,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--deadline -5s`` as ``--deadline=-5s``: argparse takes a value starting with ``-`` for an option and
+    answers "expected one argument"; attached, the value reaches its type check, which says what is wrong."""
+    takes_value: set[str] = set()
+    flags: set[str] = set()
+    todo = [parser]
+    while todo:
+        p = todo.pop()
+        for action in p._actions:
+            flags.update(action.option_strings)
+            if action.option_strings and action.nargs is None:
+                takes_value.update(o for o in action.option_strings if o.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                todo += list(action.choices.values())
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out += argv[i:]
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in takes_value and nxt is not None and nxt.startswith("-") and nxt.split("=")[0] not in flags:
+            out.append(f"{arg}={nxt}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def connection_hint(args: argparse.Namespace, exc: JobStateError) -> str:
+    """What to try when the server could not be reached or the connection was closed before any answer: the
+    server's own UNAVAILABLE answers carry a reason (SHUTTING_DOWN, ...) and need no hint."""
+    if exc.code.name != "UNAVAILABLE" or exc.reason:
+        return ""
+    text = str(exc).lower()
+    target = getattr(args, "target", "")
+    if "connection refused" in text:
+        return f"is a jobstate server running at {target}? (--target HOST:PORT or ${TARGET_ENV})"
+    if not getattr(args, "tls_ca", None):
+        return (
+            f"the server at {target} may require TLS: give --tls-ca FILE (the CA that signed its certificate), and "
+            "--tls-cert FILE --tls-key FILE if it also asks for a client certificate"
+        )
+    if not getattr(args, "tls_cert", None):
+        return f"the server at {target} may require a client certificate (mTLS): give --tls-cert FILE --tls-key FILE"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_attach_dash_values(parser, argv))
     except SystemExit as exc:  # argparse's way of saying usage error (2) or --help (0)
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command == "serve":
+        given = [flag for dest, flag in CLIENT_ONLY.items() if hasattr(args, dest)]
+        if given:
+            what = "is a client option" if len(given) == 1 else "are client options"
+            err.write(
+                f"jobstate serve: error: {', '.join(given)} {what} and would do nothing here"
+                " (the server's own: --host, --port, --tls-cert/--tls-key after serve)\n"
+            )
+            return EXIT_USAGE
+    if not hasattr(args, "deadline"):
+        args.deadline = DEFAULT_DEADLINE
     if not hasattr(args, "target"):
         args.target = os.environ.get(TARGET_ENV) or core.DEFAULT_TARGET
     if not hasattr(args, "output"):
@@ -843,6 +953,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
         return func(ctx)
     except JobStateError as exc:
         err.write(f"error: {exc}\n")
+        hint = connection_hint(args, exc)
+        if hint:
+            err.write(f"hint: {hint}\n")
         return EXIT_API_ERROR
     except UsageError as exc:
         err.write(f"jobstate: error: {exc}\n")

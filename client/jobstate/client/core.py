@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
+from jobstate.client import names
 from jobstate.client.errors import JobStateError, Reason
 from jobstate.v1 import job_state_pb2 as pb
 from jobstate.v1 import job_state_service_pb2 as spb
@@ -104,18 +105,9 @@ def execution_state(value: ExecutionStateLike) -> int:
         raise ValueError(f"unknown execution state {value!r}") from None
 
 
-def short_job_state(value: int) -> str:
-    try:
-        return pb.JobStateType.Name(value).removeprefix("JOB_STATE_TYPE_")  # type: ignore[arg-type]
-    except ValueError:
-        return str(value)
-
-
-def short_execution_state(value: int) -> str:
-    try:
-        return pb.ExecutionStateType.Name(value).removeprefix("EXECUTION_STATE_TYPE_")  # type: ignore[arg-type]
-    except ValueError:
-        return str(value)
+# The names the CLI prints and accepts; one definition, in ``names``.
+short_job_state = names.job_state_name
+short_execution_state = names.execution_state_name
 
 
 # --- request building --------------------------------------------------------------------------------------

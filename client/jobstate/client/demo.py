@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from jobstate.client.aio import AsyncClient
-from jobstate.client.errors import JobStateError
+from jobstate.client.errors import JobStateError, NotFound
+from jobstate.client.names import job_state_name
 from jobstate.v1 import job_state_pb2 as pb
 
 MAX_RUNS = 3  # runs of a job (first try and retries) before it is given up as ERROR
 MAX_BID_ROUNDS = 4  # rounds of asking for bids before a job nobody will take is given up
 CANCEL_RATE = 0.03
 BID_ACCEPT_RATE = 0.7
+TALLY_SECONDS = 30.0  # reading the unfinished jobs back at the end; a server gone by then is reported, not waited
 
 
 @dataclass(frozen=True)
@@ -53,20 +55,33 @@ class DemoStats:
     conflicts: int = 0  # writes that lost a compare-and-set
     errors: int = 0  # anything unexpected; ``last_error`` says what
     writes: int = 0
-    active: int = 0
+    active: int = 0  # jobs being scheduled now; at the end, jobs left unfinished in the store
     last_error: str = ""
     started: float = field(default_factory=time.monotonic)
+    # Set by the end-of-run tally: the demo's jobs still NEW, QUEUED or IN_PROGRESS in the store, by state.
+    unfinished: dict[str, int] | None = None
 
     def line(self, writes_per_second: float) -> str:
         elapsed = time.monotonic() - self.started
+        active = f"{self.active} active" if self.unfinished is None else f"{self.active} unfinished"
         text = (
-            f"demo {elapsed:4.0f}s  {self.created} jobs: {self.active} active {self.completed} completed "
+            f"demo {elapsed:4.0f}s  {self.created} jobs: {active} {self.completed} completed "
             f"{self.failed} failed {self.timed_out} timed out {self.cancelled} cancelled  "
             f"{self.retries} retries  {writes_per_second:.0f} writes/s"
         )
         if self.errors:
             text += f"  {self.errors} errors ({self.last_error[:60]})"
         return text
+
+    def left_line(self) -> str:
+        """What the demo leaves behind, once tallied: the jobs it did not finish stay as they are."""
+        if not self.unfinished:
+            return "every job the demo created is finished"
+        by_state = ", ".join(f"{n} {state}" for state, n in self.unfinished.items())
+        return (
+            f"left unfinished in the store: {self.active} job{'s' if self.active != 1 else ''} ({by_state}); "
+            "they stay so until changed or deleted, or until their timeout (at most 10m) passes"
+        )
 
 
 class _TimedOut(Exception):
@@ -82,6 +97,10 @@ class DemoScheduler:
         self.nodes = [f"node-{i + 1}" for i in range(max(1, config.nodes))]
         self.stats = DemoStats()
         self._samples: deque[tuple[float, int]] = deque()
+        # Every job a create was sent for, and how the ones that ran to an end ended: the final tally reads the
+        # others back from the store, so the summary is what the store holds, not what the tasks got to count.
+        self.job_ids: list[str] = []
+        self.outcomes: dict[str, str] = {}
 
     async def pause(self, low: float, high: float) -> None:
         await asyncio.sleep(self.rng.uniform(low, high) / self.config.speed)
@@ -93,6 +112,7 @@ class DemoScheduler:
 
     async def run_job(self, n: int) -> None:
         job_id = f"job-{self.run_id}-{n:04d}"
+        self.job_ids.append(job_id)
         self.stats.active += 1
         try:
             await self._lifecycle(job_id)
@@ -111,6 +131,7 @@ class DemoScheduler:
             return
         if job.state == pb.JOB_STATE_TYPE_ERROR:
             self.stats.timed_out += 1
+            self.outcomes[job_id] = "timed_out"
             if isinstance(exc, JobStateError):
                 self.stats.conflicts += 1
         else:
@@ -190,7 +211,7 @@ class DemoScheduler:
                             job_id, pb.JOB_STATE_TYPE_ERROR, expected_version=version, comment="no node would run it"
                         )
                     )
-                    self.stats.failed += 1
+                    self._ended(job_id, "failed")
                     return
                 r = await self.write(
                     self.client.update_job_state(
@@ -246,7 +267,7 @@ class DemoScheduler:
                         job_id, pb.JOB_STATE_TYPE_CANCELLED, expected_version=version, comment="cancelled by user"
                     )
                 )
-                self.stats.cancelled += 1
+                self._ended(job_id, "cancelled")
                 return
             if self.rng.random() < cfg.fail_rate:
                 r = await self.write(
@@ -272,7 +293,7 @@ class DemoScheduler:
                             comment=f"failed {runs} times",
                         )
                     )
-                    self.stats.failed += 1
+                    self._ended(job_id, "failed")
                     return
                 self.stats.retries += 1
                 continue
@@ -298,8 +319,49 @@ class DemoScheduler:
                     job_id, pb.JOB_STATE_TYPE_COMPLETED, expected_version=version, comment=f"completed on {node}"
                 )
             )
-            self.stats.completed += 1
+            self._ended(job_id, "completed")
             return
+
+    def _ended(self, job_id: str, outcome: str) -> None:
+        self.outcomes[job_id] = outcome
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+
+    async def tally(self) -> None:
+        """Recounts the jobs from the store: the runs cut short when the demo stopped are read back, so the
+        summary adds up to what ``jobstate list`` shows (a job whose create never committed is not counted)."""
+        counts = {"completed": 0, "failed": 0, "timed_out": 0, "cancelled": 0}
+        unfinished: dict[str, int] = {}
+        created = 0
+        for job_id in self.job_ids:
+            outcome = self.outcomes.get(job_id)
+            if outcome is None:
+                try:
+                    job = (await self.client.get_job(job_id)).job
+                except NotFound:
+                    continue
+                if job.state == pb.JOB_STATE_TYPE_COMPLETED:
+                    outcome = "completed"
+                elif job.state == pb.JOB_STATE_TYPE_CANCELLED:
+                    outcome = "cancelled"
+                elif job.state == pb.JOB_STATE_TYPE_ERROR:
+                    last = [h async for h in self.client.iter_history(job_id)][-1]
+                    outcome = "timed_out" if last.comment == "timed out" else "failed"
+                else:
+                    name = job_state_name(job.state)
+                    unfinished[name] = unfinished.get(name, 0) + 1
+            created += 1
+            if outcome is not None:
+                counts[outcome] += 1
+        st = self.stats
+        st.created = created
+        st.completed, st.failed, st.timed_out, st.cancelled = (
+            counts["completed"],
+            counts["failed"],
+            counts["timed_out"],
+            counts["cancelled"],
+        )
+        st.unfinished = {name: unfinished[name] for name in ("NEW", "QUEUED", "IN_PROGRESS") if name in unfinished}
+        st.active = sum(unfinished.values())
 
     async def run(self, progress: TextIO | None = None) -> DemoStats:
         """Creates jobs until ``jobs`` are created (then lets them finish) or ``duration`` passes, or cancelled."""
@@ -332,9 +394,17 @@ class DemoScheduler:
                 reporter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reporter
-                if progress is not None:
-                    progress.write(("\r" if progress.isatty() else "") + self.stats.line(self._rate()) + "\n")
-                    progress.flush()
+            rate = self._rate()
+            try:
+                await asyncio.wait_for(self.tally(), TALLY_SECONDS)
+            except (JobStateError, TimeoutError) as exc:
+                self.stats.errors += 1
+                self.stats.last_error = f"could not read the jobs back: {exc}"
+            if progress is not None:
+                progress.write(("\r\x1b[K" if progress.isatty() else "") + self.stats.line(rate) + "\n")
+                if self.stats.unfinished is not None:
+                    progress.write(self.stats.left_line() + "\n")
+                progress.flush()
         return self.stats
 
     def _rate(self) -> float:

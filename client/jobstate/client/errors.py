@@ -17,7 +17,7 @@ _DETAILS_KEY = "grpc-status-details-bin"
 
 
 class Reason:
-    """The ErrorInfo reasons of CONTRACT.md's error table."""
+    """The ErrorInfo reasons of docs/CONTRACT.md's error table."""
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     JOB_NOT_FOUND = "JOB_NOT_FOUND"

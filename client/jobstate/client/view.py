@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from jobstate.client import names
 from jobstate.client.aio import AsyncClient
 from jobstate.client.core import short_job_state
 from jobstate.client.errors import JobStateError, OutOfRange
@@ -59,17 +60,18 @@ JOB_ORDER = [
     pb.JOB_STATE_TYPE_CANCELLED,
 ]
 
-# Execution states in the words an operator uses, in lifecycle order, with their colours.
-EXECUTION_LABELS: dict[int, tuple[str, str]] = {
-    pb.EXECUTION_STATE_TYPE_NEW: ("new", "37"),
-    pb.EXECUTION_STATE_TYPE_ASK_FOR_BID: ("bidding", "33"),
-    pb.EXECUTION_STATE_TYPE_ASK_FOR_BID_ACCEPTED: ("bid", "33"),
-    pb.EXECUTION_STATE_TYPE_BID_ACCEPTED: ("running", "1;36"),
-    pb.EXECUTION_STATE_TYPE_COMPLETED: ("completed", "32"),
-    pb.EXECUTION_STATE_TYPE_FAILED: ("failed", "1;31"),
-    pb.EXECUTION_STATE_TYPE_ASK_FOR_BID_REJECTED: ("declined", DIM),
-    pb.EXECUTION_STATE_TYPE_BID_REJECTED: ("rejected", DIM),
-    pb.EXECUTION_STATE_TYPE_CANCELLED: ("cancelled", "35"),
+# Execution states are counted under the CLI's names for them (``jobstate exec update --state BID_ACCEPTED``), so
+# the view needs no legend; colours follow the job states' (waiting yellow, running cyan, failed red).
+EXECUTION_COLOURS: dict[int, str] = {
+    pb.EXECUTION_STATE_TYPE_NEW: "37",
+    pb.EXECUTION_STATE_TYPE_ASK_FOR_BID: "33",
+    pb.EXECUTION_STATE_TYPE_ASK_FOR_BID_ACCEPTED: "33",
+    pb.EXECUTION_STATE_TYPE_BID_ACCEPTED: "1;36",
+    pb.EXECUTION_STATE_TYPE_COMPLETED: "32",
+    pb.EXECUTION_STATE_TYPE_FAILED: "1;31",
+    pb.EXECUTION_STATE_TYPE_ASK_FOR_BID_REJECTED: DIM,
+    pb.EXECUTION_STATE_TYPE_BID_REJECTED: DIM,
+    pb.EXECUTION_STATE_TYPE_CANCELLED: "35",
 }
 
 Segment = tuple[str, str]  # (text, SGR parameters; "" for plain)
@@ -89,18 +91,11 @@ def job_state_segment(state: int) -> Segment:
 
 
 def execution_counts(job: pb.JobState) -> list[Segment]:
-    """``2 running 1 failed``: the job's executions counted by state, in lifecycle order."""
-    counts: dict[int, int] = {}
-    for e in job.executions:
-        counts[e.state] = counts.get(e.state, 0) + 1
-    out: list[Segment] = []
-    for state, (label, sgr) in EXECUTION_LABELS.items():
-        if counts.get(state):
-            out.append((f"{counts[state]} {label}", sgr))
-    for state, n in sorted(counts.items()):
-        if state not in EXECUTION_LABELS:
-            out.append((f"{n} state-{state}", ""))
-    return out
+    """``1 BID_ACCEPTED 2 FAILED``: the job's executions counted by state, in lifecycle order, coloured."""
+    return [
+        (f"{n} {names.execution_state_name(state)}", EXECUTION_COLOURS.get(state, ""))
+        for state, n in names.execution_counts(job)
+    ]
 
 
 def join_segments(parts: Sequence[Segment], sep: str = " ") -> list[Segment]:
@@ -208,8 +203,14 @@ class LiveModel:
         self.resumed = ""
 
     def relist(self) -> None:
-        """The revisions to resume from are gone: start again from a fresh snapshot."""
+        """The revisions to resume from are gone: start again from a fresh snapshot.
+
+        The revision starts again too: after a store was replaced, the new one's revisions may be lower than
+        any this view has seen, and the header must show the store being watched, not the highest number.
+        """
         self.rows.clear()
+        self.revision = 0
+        self.deleted = 0
         self.synced = False
         self.relists += 1
 

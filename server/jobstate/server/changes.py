@@ -1,6 +1,6 @@
 """Pure functions that compute one change of one job: the new ``JobState`` and its history entry.
 
-Every storage engine calls these, so the rules of CONTRACT.md (conditions, final states, the cascade, one
+Every storage engine calls these, so the rules of docs/CONTRACT.md (conditions, final states, the cascade, one
 active execution per node, update masks, the two version counters) are written once. Inputs are never
 mutated: each function returns a new ``JobState`` (copy on write), which lets an engine publish the old and
 the new state without copying again. The engine assigns the store revision when it commits.

@@ -306,6 +306,18 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.propagate = False
 
 
+def where(config: ServerConfig) -> dict[str, str]:
+    """For the startup line: which engine holds the jobs, and where. A person starting the server should not have
+    to guess which data dir or etcd it uses. (A listener added later, e.g. HTTP, puts its URL next to these.)"""
+    fields = {"store": config.store}
+    if config.store == "sqlite" and config.data_dir:
+        fields["data_dir"] = os.path.abspath(config.data_dir)
+    if config.store == "etcd":
+        fields["etcd"] = ",".join(config.etcd_endpoints)
+        fields["etcd_prefix"] = config.etcd_prefix
+    return fields
+
+
 async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
     """Runs the server until SIGTERM or SIGINT, then stops gracefully."""
     app = build_server(config)
@@ -314,6 +326,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
         "serving",
         extra={
             "address": app.target,
+            **where(config),
             "history_size": config.history_size,
             "max_watchers": config.max_watchers,
             "tls": "mtls" if config.tls_client_ca else ("on" if config.tls_cert else "off"),

@@ -98,9 +98,18 @@ class SqliteStore(MemoryStore):
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = os.pread(self._lock_fd, 64, 0).decode(errors="replace").strip()
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise DataDirInUse(f"data dir {self.data_dir} is in use by another jobstate server") from None
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise DataDirInUse(
+                f"data dir {self.data_dir} is in use by another jobstate server ({who}); stop it or use another "
+                "--data-dir"
+            ) from None
+        # The holder's pid, so that a refused second server can say which process to stop. The flock, not this
+        # file's content, is the lock: a pid left behind by a crash is overwritten by the next holder.
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         self._closed = False
         try:
             # isolation_level=None: transactions are begun and ended here, explicitly.

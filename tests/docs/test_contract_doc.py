@@ -1,0 +1,77 @@
+"""docs/CONTRACT.md is the contract a client in another language is written against: it must name everything the
+protos and the server's error table define, and every mention of it must lead to it."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from jobstate.server import errors
+from jobstate.v1 import job_state_pb2, job_state_service_pb2
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTRACT = ROOT / "docs" / "CONTRACT.md"
+DOCS = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_the_contract_is_in_the_repository() -> None:
+    assert CONTRACT.is_file()
+
+
+def test_every_mention_of_the_contract_is_a_link_to_it() -> None:
+    for doc in DOCS:
+        text = doc.read_text()
+        links = [(m.start(), m.end(), m.group(1)) for m in re.finditer(r"\[[^\]]*\]\(([^)\s]*)\)", text)]
+        for m in re.finditer(r"CONTRACT\.md", text):
+            around = text[max(0, m.start() - 40) : m.end() + 5]
+            link = next((target for a, b, target in links if a <= m.start() < b), None)
+            assert link is not None, f"{doc.name}: '{around}' is not a link to docs/CONTRACT.md"
+            assert (doc.parent / link).resolve() == CONTRACT, f"{doc.name}: link {link} does not lead to the contract"
+
+
+def _words() -> set[str]:
+    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", CONTRACT.read_text()))
+
+
+def test_every_rpc_request_field_and_message_is_named() -> None:
+    words = _words()
+    service = job_state_service_pb2.DESCRIPTOR.services_by_name["JobStateService"]
+    missing = []
+    for method in service.methods:
+        missing += [method.name] if method.name not in words else []
+        missing += [f"{method.name}.{f.name}" for f in method.input_type.fields if f.name not in words]
+    for message in (job_state_pb2.JobState, job_state_pb2.ExecutionState, job_state_service_pb2.WatchEvent):
+        missing += [f.name for f in message.DESCRIPTOR.fields if f.name not in words]
+    assert not missing, f"docs/CONTRACT.md does not name {missing}"
+
+
+def test_every_enum_value_is_named() -> None:
+    text = CONTRACT.read_text()
+    missing = []
+    for module in (job_state_pb2, job_state_service_pb2):
+        for enum in module.DESCRIPTOR.enum_types_by_name.values():
+            prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+            for value in enum.values:
+                short = "_" + value.name.removeprefix(prefix)
+                if value.name not in text and f"`{short}`" not in text:
+                    missing.append(value.name)
+    assert not missing, f"docs/CONTRACT.md does not name {missing}"
+
+
+def test_every_error_reason_and_its_metadata_is_in_the_table() -> None:
+    text = CONTRACT.read_text()
+    table = text[text.index("## Errors") :]
+    reasons = {
+        cls.reason for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.JobStateError)
+    }
+    reasons.discard("INTERNAL")
+    missing = [r for r in sorted(reasons) if f"`{r}`" not in table]
+    assert not missing, f"the error table lacks {missing}"
+    for key in ("current_version", "oldest_revision", "resume_revision", "store_id", "limit"):
+        assert f"`{key}`" in table
+
+
+def test_the_store_id_header_is_the_one_the_server_sends() -> None:
+    from jobstate.server.service import STORE_ID_KEY
+
+    assert f"`{STORE_ID_KEY}`" in CONTRACT.read_text()
