@@ -249,6 +249,17 @@ def check_transport(config: ServerConfig) -> ServerTls | None:
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key too")
     if config.tls_cert is not None and config.tls_key is not None:
+        if (
+            not is_loopback(config.host)
+            and not config.insecure
+            and config.auth_tokens_file is None
+            and config.tls_client_ca is None
+        ):
+            # TLS keeps eavesdroppers out, not callers: with no credential asked for, every caller is admin.
+            raise ValueError(
+                f"refusing to serve {config.host} with TLS but no client authentication: anyone who can reach it "
+                "could read and change every job. Give --auth-tokens or --tls-client-ca, or --insecure to accept that"
+            )
         return ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca)
     if not is_loopback(config.host) and not config.insecure:
         raise ValueError(

@@ -157,7 +157,8 @@ class TokenTable:
             try:
                 role = Role[role_name.upper()]
             except KeyError:
-                raise ValueError(f"{where}: unknown role {role_name!r} (reader, writer or admin)") from None
+                # Not the field's content: with the columns swapped (``admin <token>``) it is the token.
+                raise ValueError(f"{where}: the second field is not a role (reader, writer or admin)") from None
             if secret.startswith(CERT_PREFIX):
                 cn = secret[len(CERT_PREFIX) :]
                 if not cn:
