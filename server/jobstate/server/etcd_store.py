@@ -486,7 +486,8 @@ class EtcdStore(Store):
         assert result is not None  # compute always returns a change (or raises)
         return result
 
-    async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "") -> WriteResult:
+    async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "", owner: str = "") -> WriteResult:
+        # ``owner`` is not kept: jobs per client would have to be counted across servers (SECURITY.md).
         validate_create_job(job_id, timeout_ns, comment, self.limits)
         await self._ready()
         job_id = job_id or str(uuid.uuid4())

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jobstate.server import engines, rules
 from jobstate.server.metrics import Metrics, Observers
-from jobstate.server.security import SecurityConfig, SecurityInterceptor, ServerTls
+from jobstate.server.security import SecurityConfig, SecurityInterceptor, ServerTls, client_share
 from jobstate.server.service import SERVICE_NAME, JobStateService, Observer
 from jobstate.server.store import Store
 
@@ -64,7 +64,13 @@ class ServerConfig:
     auth_tokens_file: str | None = None
     write_rate_per_client: float = 0.0  # writes a second per client; 0: unlimited
     write_burst_per_client: int = 0  # 0: one second's worth
-    max_watchers_per_client: int = 0  # 0: unlimited
+    read_rate_per_client: float = 0.0  # reads a second per client; 0: unlimited
+    read_burst_per_client: int = 0  # 0: one second's worth
+    # Per-client shares of the global limits; None: security.client_share of it (all but a tenth), 0: none.
+    max_watchers_per_client: int | None = None
+    max_jobs_per_client: int | None = None
+    # Refused calls are logged once per client per this many seconds, then as one line with a count.
+    refusal_log_interval: float = 10.0
 
 
 @dataclass
@@ -189,12 +195,18 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     non-loopback address without ``insecure``, half a TLS key pair, a client CA without TLS).
     """
     tls = check_transport(config)
+    config = with_client_shares(config)
     security_config = SecurityConfig(
         auth_tokens_file=config.auth_tokens_file,
         mtls=config.tls_client_ca is not None,
         write_rate_per_client=config.write_rate_per_client,
         write_burst_per_client=config.write_burst_per_client,
-        max_watchers_per_client=config.max_watchers_per_client,
+        read_rate_per_client=config.read_rate_per_client,
+        read_burst_per_client=config.read_burst_per_client,
+        max_watchers=config.max_watchers,
+        max_watchers_per_client=config.max_watchers_per_client or 0,
+        track_job_owners=config.limits.max_jobs_per_client > 0,
+        refusal_log_interval=config.refusal_log_interval,
     )
     security = SecurityInterceptor(security_config) if security_config.needed else None
     if store is None:
@@ -240,6 +252,21 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     except RuntimeError as exc:  # grpc reports a failed bind this way; say it as the OS would
         raise OSError(f"cannot listen on {address}: address in use or not available") from exc
     return App(replace(config, port=port), server, port, store, health_servicer, metrics, security, service, tls)
+
+
+def with_client_shares(config: ServerConfig) -> ServerConfig:
+    """The config with each per-client limit left unset (None) made a share of its global limit, so that no
+    one client can take all of it (SECURITY.md)."""
+    watchers = config.max_watchers_per_client
+    jobs = config.max_jobs_per_client
+    return replace(
+        config,
+        max_watchers_per_client=client_share(config.max_watchers) if watchers is None else watchers,
+        max_jobs_per_client=client_share(config.limits.max_jobs) if jobs is None else jobs,
+        limits=replace(
+            config.limits, max_jobs_per_client=client_share(config.limits.max_jobs) if jobs is None else jobs
+        ),
+    )
 
 
 def check_transport(config: ServerConfig) -> ServerTls | None:
