@@ -133,6 +133,8 @@ class App:
         if self.service is not None:
             await settle(self.service, deadline)
         await self.server.stop(max(0.0, deadline - loop.time()))
+        if self.security is not None:
+            self.security.refusals.flush()  # the counts of the last interval, not lost with the process
         if self.metrics is not None:
             await self.metrics.stop()
 
