@@ -235,7 +235,7 @@ def test_tokens_file_format() -> None:
     assert table.lookup("") is None
     assert table.certs["node-7"].role == Role.WRITER
     for bad, message in [
-        ("aaaaaaaaaaaaaaaa1 owner", "unknown role"),
+        ("aaaaaaaaaaaaaaaa1 owner", "not a role"),
         ("aaaaaaaaaaaaaaaa1", "fields"),
         ("s3cr3t reader", "shorter than"),
         ("aaaaaaaaaaaaaaaa1 reader\naaaaaaaaaaaaaaaa1 writer", "twice"),

@@ -228,7 +228,9 @@ def test_serve_insecure_on_all_interfaces_starts_and_stops(tmp_path: Path) -> No
 
 
 def test_max_jobs_through_the_cli(serve: type[Serve]) -> None:
-    server = serve("--max-jobs", "2", "--write-rate", "1000", "--max-watchers-per-client", "5")
+    server = serve(
+        "--max-jobs", "2", "--max-jobs-per-client", "0", "--write-rate", "1000", "--max-watchers-per-client", "5"
+    )
     target = ["--target", server.target]
     assert jobstate(*target, "create", "a").code == 0
     assert jobstate(*target, "create", "b").code == 0

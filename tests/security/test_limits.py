@@ -159,6 +159,7 @@ def test_store_limits(make_server: Any) -> None:
         history_size=5,
         max_message_bytes=64 * 1024,
         limits=rules.Limits(max_jobs=3, max_executions_per_job=2),
+        max_jobs_per_client=0,  # one client here: the global limit is the one under test
     )
     with grpc.insecure_channel(server.target) as channel:
         stub = spb_grpc.JobStateServiceStub(channel)

@@ -105,7 +105,9 @@ def test_plaintext_on_a_non_loopback_address_is_refused(pki: PKI) -> None:
     assert check_transport(ServerConfig(host="127.0.0.1")) is None
     assert check_transport(ServerConfig(host="localhost")) is None
     assert check_transport(ServerConfig(host="0.0.0.0", insecure=True)) is None
-    tls = ServerConfig(host="0.0.0.0", tls_cert=str(pki.server.cert), tls_key=str(pki.server.key))
+    tls = ServerConfig(
+        host="0.0.0.0", tls_cert=str(pki.server.cert), tls_key=str(pki.server.key), tls_client_ca=str(pki.ca)
+    )
     files = check_transport(tls)
     assert files is not None
     assert isinstance(files.credentials(), grpc.ServerCredentials)

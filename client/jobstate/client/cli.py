@@ -276,7 +276,10 @@ def cmd_serve(ctx: Context) -> int:
         auth_tokens_file=a.auth_tokens,
         write_rate_per_client=a.write_rate,
         write_burst_per_client=a.write_burst,
+        read_rate_per_client=a.read_rate,
+        read_burst_per_client=a.read_burst,
         max_watchers_per_client=a.max_watchers_per_client,
+        max_jobs_per_client=a.max_jobs_per_client,
         max_message_bytes=a.max_message_bytes,
         limits=rules.Limits(max_jobs=a.max_jobs, max_executions_per_job=a.max_executions_per_job),
         keepalive_seconds=a.keepalive,
@@ -718,11 +721,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--write-burst", type=non_negative_int, default=0, metavar="N", help="write burst per client (0: one second's)"
     )
     g.add_argument(
+        "--read-rate",
+        type=non_negative_float,
+        default=0.0,
+        metavar="N",
+        help="reads (get, list, history, watch) per second per client (0: unlimited)",
+    )
+    g.add_argument(
+        "--read-burst", type=non_negative_int, default=0, metavar="N", help="read burst per client (0: one second's)"
+    )
+    g.add_argument(
         "--max-watchers-per-client",
         type=non_negative_int,
-        default=0,
+        default=None,
         metavar="N",
-        help="watch streams per client (0: unlimited)",
+        help="watch streams per client, health watches included (default: 90%% of --max-watchers; 0: no own limit)",
+    )
+    g.add_argument(
+        "--max-jobs-per-client",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="jobs one client may hold, by who created them (default: 90%% of --max-jobs; 0: no own limit)",
     )
     g.add_argument(
         "--max-message-bytes", type=positive_int, default=8 * 1024 * 1024, metavar="N", help="largest message, each way"

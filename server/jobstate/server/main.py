@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jobstate.server import engines, rules
 from jobstate.server.metrics import Metrics, Observers
-from jobstate.server.security import SecurityConfig, SecurityInterceptor, ServerTls
+from jobstate.server.security import SecurityConfig, SecurityInterceptor, ServerTls, client_share
 from jobstate.server.service import SERVICE_NAME, JobStateService, Observer
 from jobstate.server.store import Store
 
@@ -64,7 +64,13 @@ class ServerConfig:
     auth_tokens_file: str | None = None
     write_rate_per_client: float = 0.0  # writes a second per client; 0: unlimited
     write_burst_per_client: int = 0  # 0: one second's worth
-    max_watchers_per_client: int = 0  # 0: unlimited
+    read_rate_per_client: float = 0.0  # reads a second per client; 0: unlimited
+    read_burst_per_client: int = 0  # 0: one second's worth
+    # Per-client shares of the global limits; None: security.client_share of it (all but a tenth), 0: none.
+    max_watchers_per_client: int | None = None
+    max_jobs_per_client: int | None = None
+    # Refused calls are logged once per client per this many seconds, then as one line with a count.
+    refusal_log_interval: float = 10.0
 
 
 @dataclass
@@ -132,6 +138,8 @@ class App:
         if self.transport_stop_started is None:
             self.transport_stop_started = time.monotonic()
         await self.server.stop(max(0.0, deadline - loop.time()))
+        if self.security is not None:
+            self.security.refusals.flush()  # the counts of the last interval, not lost with the process
         if self.metrics is not None:
             await self.metrics.stop()
 
@@ -199,12 +207,18 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     non-loopback address without ``insecure``, half a TLS key pair, a client CA without TLS).
     """
     tls = check_transport(config)
+    config = with_client_shares(config)
     security_config = SecurityConfig(
         auth_tokens_file=config.auth_tokens_file,
         mtls=config.tls_client_ca is not None,
         write_rate_per_client=config.write_rate_per_client,
         write_burst_per_client=config.write_burst_per_client,
-        max_watchers_per_client=config.max_watchers_per_client,
+        read_rate_per_client=config.read_rate_per_client,
+        read_burst_per_client=config.read_burst_per_client,
+        max_watchers=config.max_watchers,
+        max_watchers_per_client=config.max_watchers_per_client or 0,
+        track_job_owners=config.limits.max_jobs_per_client > 0,
+        refusal_log_interval=config.refusal_log_interval,
     )
     security = SecurityInterceptor(security_config) if security_config.needed else None
     if store is None:
@@ -252,6 +266,21 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     return App(replace(config, port=port), server, port, store, health_servicer, metrics, security, service, tls)
 
 
+def with_client_shares(config: ServerConfig) -> ServerConfig:
+    """The config with each per-client limit left unset (None) made a share of its global limit, so that no
+    one client can take all of it (SECURITY.md)."""
+    watchers = config.max_watchers_per_client
+    jobs = config.max_jobs_per_client
+    return replace(
+        config,
+        max_watchers_per_client=client_share(config.max_watchers) if watchers is None else watchers,
+        max_jobs_per_client=client_share(config.limits.max_jobs) if jobs is None else jobs,
+        limits=replace(
+            config.limits, max_jobs_per_client=client_share(config.limits.max_jobs) if jobs is None else jobs
+        ),
+    )
+
+
 def check_transport(config: ServerConfig) -> ServerTls | None:
     """The TLS files the config asks for, read and checked, after refusing what is unsafe."""
     if (config.tls_cert is None) != (config.tls_key is None):
@@ -259,6 +288,17 @@ def check_transport(config: ServerConfig) -> ServerTls | None:
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key too")
     if config.tls_cert is not None and config.tls_key is not None:
+        if (
+            not is_loopback(config.host)
+            and not config.insecure
+            and config.auth_tokens_file is None
+            and config.tls_client_ca is None
+        ):
+            # TLS keeps eavesdroppers out, not callers: with no credential asked for, every caller is admin.
+            raise ValueError(
+                f"refusing to serve {config.host} with TLS but no client authentication: anyone who can reach it "
+                "could read and change every job. Give --auth-tokens or --tls-client-ca, or --insecure to accept that"
+            )
         return ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca)
     if not is_loopback(config.host) and not config.insecure:
         raise ValueError(

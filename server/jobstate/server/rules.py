@@ -52,6 +52,8 @@ class Limits:
     max_metadata_entries: int = 64
     max_executions_per_job: int = 1000
     max_jobs: int = 0  # 0: no limit
+    # Jobs one caller may hold (counted by who created them); 0: no limit. The server makes it a share of max_jobs.
+    max_jobs_per_client: int = 0
     max_watch_job_ids: int = 1000
     default_page_size: int = 100
     max_page_size: int = 1000

@@ -18,6 +18,7 @@ Tokens never reach a log line: failures log the peer and the reason, a known cal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from jobstate.server import errors
-from jobstate.server.service import SERVICE_NAME, Observer, to_status
+from jobstate.server.service import CALLER, SERVICE_NAME, Observer, to_status
 
 log = logging.getLogger("jobstate.server.security")
 
@@ -157,7 +158,8 @@ class TokenTable:
             try:
                 role = Role[role_name.upper()]
             except KeyError:
-                raise ValueError(f"{where}: unknown role {role_name!r} (reader, writer or admin)") from None
+                # Not the field's content: with the columns swapped (``admin <token>``) it is the token.
+                raise ValueError(f"{where}: the second field is not a role (reader, writer or admin)") from None
             if secret.startswith(CERT_PREFIX):
                 cn = secret[len(CERT_PREFIX) :]
                 if not cn:
@@ -230,6 +232,66 @@ class RateLimiter:
             del self._buckets[k]
 
 
+# --- the log of refused calls ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Window:
+    count: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class RefusalLog:
+    """Refused calls in the log at most twice per client per ``interval``: the first in full when it happens,
+    then, when the interval ends, one line with how many more were refused and why.
+
+    A client hammering the server with bad calls must not turn the log into the flood (2,000 unauthenticated
+    calls once wrote 1,826 lines). At most ``MAX_CLIENTS`` clients have a window at once; beyond that, refusals
+    share one window named ``*``, so a swarm of addresses costs bounded memory and still shows in the log.
+    """
+
+    MAX_CLIENTS = 10_000
+    OTHERS = "*"
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._windows: dict[str, _Window] = {}
+
+    def refused(self, client: str, method: str, peer: str, exc: errors.JobStateError) -> None:
+        window = self._windows.get(client)
+        if window is None and len(self._windows) >= self.MAX_CLIENTS:
+            client = self.OTHERS
+            window = self._windows.get(client)
+        if window is not None:
+            window.count += 1
+            window.reasons[exc.reason] = window.reasons.get(exc.reason, 0) + 1
+            return
+        log.info(
+            "call refused",
+            extra={"client": client, "method": method, "peer": peer, "reason": exc.reason, "why": exc.message},
+        )
+        self._windows[client] = _Window()
+        asyncio.get_running_loop().call_later(self.interval, self._end, client)
+
+    def _end(self, client: str) -> None:
+        window = self._windows.pop(client, None)
+        if window is not None and window.count:
+            log.info(
+                "calls refused",
+                extra={
+                    "client": client,
+                    "refused": window.count,
+                    "reasons": ",".join(f"{r}={n}" for r, n in sorted(window.reasons.items())),
+                    "seconds": self.interval,
+                },
+            )
+
+    def flush(self) -> None:
+        """Writes every pending count now (at shutdown, so the last window is not lost)."""
+        for client in list(self._windows):
+            self._end(client)
+
+
 # --- the interceptor ---------------------------------------------------------------------------------------
 
 
@@ -240,11 +302,38 @@ class SecurityConfig:
     mtls: bool = False
     write_rate_per_client: float = 0.0  # writes a second; 0: unlimited
     write_burst_per_client: int = 0  # 0: one second's worth
-    max_watchers_per_client: int = 0  # 0: unlimited
+    read_rate_per_client: float = 0.0  # reads a second (GetJob, ListJobs, GetJobHistory, Watch); 0: unlimited
+    read_burst_per_client: int = 0  # 0: one second's worth
+    # Watch streams (jobstate's and grpc.health.v1.Health/Watch alike) in total and per client; 0: unlimited.
+    max_watchers: int = 0
+    max_watchers_per_client: int = 0
+    # The store limits jobs per client by the name it is given with each CreateJob (CALLER).
+    track_job_owners: bool = False
+    # Refused calls are logged once per client per this many seconds, with a count (RefusalLog).
+    refusal_log_interval: float = 10.0
 
     @property
     def needed(self) -> bool:
-        return bool(self.auth_tokens_file or self.write_rate_per_client or self.max_watchers_per_client)
+        return bool(self.guard_unary or self.max_watchers or self.max_watchers_per_client)
+
+    @property
+    def guard_unary(self) -> bool:
+        """Whether unary calls need the interceptor at all (it costs each call a few microseconds)."""
+        return bool(
+            self.auth_tokens_file
+            or self.mtls
+            or self.write_rate_per_client
+            or self.read_rate_per_client
+            or self.track_job_owners
+        )
+
+
+def client_share(limit: int) -> int:
+    """What one client may hold of a global ``limit`` unless told otherwise: all but a tenth of it (at least one),
+    which stays for the other clients whatever one client does. 0 (no limit) stays 0."""
+    if limit <= 0:
+        return 0
+    return max(1, limit - max(1, -(-limit // 10)))
 
 
 def peer_host(peer: str) -> str:
@@ -305,8 +394,13 @@ class _OpenStream:
             self.task.cancel()  # the stream's guard turns the cancellation into ``exc``
 
 
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+
+
 class SecurityInterceptor(_Interceptor):
-    """Authentication, roles, write rate and per-client watch streams for ``jobstate.v1.JobStateService``."""
+    """Authentication, roles, read and write rates and watch streams (in total and per client) for
+    ``jobstate.v1.JobStateService``; ``grpc.health.v1.Health/Watch`` streams are counted under the same watch
+    limits (they need no credential, so a caller without one is counted by its address)."""
 
     def __init__(self, config: SecurityConfig) -> None:
         self.config = config
@@ -318,10 +412,18 @@ class SecurityInterceptor(_Interceptor):
             if config.write_rate_per_client > 0
             else None
         )
+        self.read_limiter = (
+            RateLimiter(config.read_rate_per_client, config.read_burst_per_client)
+            if config.read_rate_per_client > 0
+            else None
+        )
+        # Open watch streams by client, and in total (health watches included).
         self.watchers: dict[str, int] = {}
+        self.watcher_total = 0
         self.streams: set[_OpenStream] = set()
         # Refused calls never reach the service, so they are reported to its observer (metrics) from here.
         self.observer: Observer | None = None
+        self.refusals = RefusalLog(config.refusal_log_interval)
 
     # -- the tokens file -----------------------------------------------------------------------------------
 
@@ -390,13 +492,43 @@ class SecurityInterceptor(_Interceptor):
 
     def admit(self, principal: Principal, method: str) -> None:
         self.authorize(principal, method)
-        if self.limiter is not None and method in WRITE_METHODS:
-            wait = self.limiter.take(principal.name)
+        if method in WRITE_METHODS:
+            limiter, kind = self.limiter, "writes"
+        elif method in READ_METHODS:
+            limiter, kind = self.read_limiter, "reads"
+        else:
+            return
+        if limiter is not None:
+            wait = limiter.take(principal.name)
             if wait > 0:
                 raise errors.RateLimited(
-                    f"{principal.name} writes faster than {self.limiter.rate:g}/s; retry in {wait * 1000:.0f}ms",
+                    f"{principal.name} {kind} faster than {limiter.rate:g}/s; retry in {wait * 1000:.0f}ms",
                     retry_after=wait,
                 )
+
+    def admit_watcher(self, client: str) -> None:
+        """Refuses one more watch stream over the server's or the client's limit."""
+        total, mine = self.config.max_watchers, self.config.max_watchers_per_client
+        if total and self.watcher_total >= total:
+            raise errors.ResourceLimit(
+                f"the server already has {self.watcher_total} watch streams open, its limit", limit="max_watchers"
+            )
+        if mine and self.watchers.get(client, 0) >= mine:
+            raise errors.ResourceLimit(
+                f"{client} already has {mine} watch streams open, its limit", limit="max_watchers_per_client"
+            )
+
+    def _opened(self, client: str) -> None:
+        self.watchers[client] = self.watchers.get(client, 0) + 1
+        self.watcher_total += 1
+
+    def _closed(self, client: str) -> None:
+        self.watcher_total -= 1
+        left = self.watchers[client] - 1
+        if left:
+            self.watchers[client] = left
+        else:
+            del self.watchers[client]
 
     # -- wiring --------------------------------------------------------------------------------------------
 
@@ -406,11 +538,21 @@ class SecurityInterceptor(_Interceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
-        service, _, method = details.method.lstrip("/").partition("/")
-        if handler is None or service != SERVICE_NAME:
+        if handler is None:
             return handler
         metadata = details.invocation_metadata
+        if details.method == HEALTH_WATCH and handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._guard_health_watch(handler.unary_stream, metadata),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        service, _, method = details.method.lstrip("/").partition("/")
+        if service != SERVICE_NAME:
+            return handler
         if handler.unary_unary is not None:
+            if not self.config.guard_unary:
+                return handler
             return grpc.unary_unary_rpc_method_handler(
                 self._guard_unary(handler.unary_unary, method, metadata),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
@@ -424,11 +566,18 @@ class SecurityInterceptor(_Interceptor):
             )
         return handler
 
-    async def _refuse(self, context: Context, method: str, exc: errors.JobStateError, *, observe: bool = True) -> None:
-        log.info(
-            "call refused",
-            extra={"method": method, "peer": context.peer(), "reason": exc.reason, "why": exc.message},
-        )
+    async def _refuse(
+        self,
+        context: Context,
+        method: str,
+        exc: errors.JobStateError,
+        client: str | None = None,
+        *,
+        observe: bool = True,
+    ) -> None:
+        peer = context.peer()
+        # An unauthenticated caller is known only by its address.
+        self.refusals.refused(client or peer_host(peer), method, peer, exc)
         status = to_status(exc)
         if observe and self.observer is not None:
             self.observer.observe(method, status.code, 0.0)
@@ -438,10 +587,14 @@ class SecurityInterceptor(_Interceptor):
         self, inner: Callable[[Any, Context], Awaitable[Any]], method: str, metadata: Sequence[Any] | None
     ) -> Callable[[Any, Context], Awaitable[Any]]:
         async def guarded(request: Any, context: Context) -> Any:
+            principal: Principal | None = None
             try:
-                self.admit(self.authenticate(metadata, context), method)
+                principal = self.authenticate(metadata, context)
+                self.admit(principal, method)
             except errors.JobStateError as exc:
-                await self._refuse(context, method, exc)
+                await self._refuse(context, method, exc, principal.name if principal else None)
+            assert principal is not None  # _refuse ends the call
+            CALLER.set(principal.name)  # the service's own task: the store counts the jobs it creates per caller
             return await inner(request, context)
 
         return guarded
@@ -449,52 +602,85 @@ class SecurityInterceptor(_Interceptor):
     def _guard_stream(
         self, inner: Callable[[Any, Context], AsyncIterator[Any]], method: str, metadata: Sequence[Any] | None
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
-        limit = self.config.max_watchers_per_client
-
         async def guarded(request: Any, context: Context) -> AsyncIterator[Any]:
+            principal: Principal | None = None
             try:
                 principal = self.authenticate(metadata, context)
                 self.admit(principal, method)
-                if limit and self.watchers.get(principal.name, 0) >= limit:
-                    raise errors.ResourceLimit(
-                        f"{principal.name} already has {limit} watch streams open, its limit",
-                        limit="max_watchers_per_client",
-                    )
+                self.admit_watcher(principal.name)
             except errors.JobStateError as exc:
-                await self._refuse(context, method, exc)
+                await self._refuse(context, method, exc, principal.name if principal else None)
+            assert principal is not None  # _refuse ends the call
             key = principal.name
-            self.watchers[key] = self.watchers.get(key, 0) + 1
-            stream = _OpenStream(method, metadata, context, None)
-            self.streams.add(stream)
-            messages = aiter(inner(request, context))
+            self._opened(key)
             try:
-                while stream.revoked is None:
-                    # Whichever task asks for this message is the one a reload cancels.
-                    stream.task = asyncio.current_task()
-                    stream.waiting = True
-                    try:
-                        item = await anext(messages)
-                    except StopAsyncIteration:
-                        return
-                    except asyncio.CancelledError:
-                        if stream.revoked is None or stream.task is None:
-                            raise
-                        # Cancelled by a reload that no longer accepts this caller: end with the reason.
-                        stream.task.uncancel()
-                        break
-                    finally:
-                        stream.waiting = False
+                if self.tokens is None:
+                    # Nothing can revoke this caller: pass the messages on with nothing more per message.
+                    async with contextlib.aclosing(inner(request, context)) as plain:  # type: ignore[type-var]
+                        async for item in plain:
+                            yield item
+                    return
+                async for item in self._revocable(inner, request, context, method, metadata):
                     yield item
-                # Release the watcher now, then end the call with the reason. (The service counts a stream cut
-                # short as cancelled; the reason goes to the client only.)
-                await _close(messages)
-                await self._refuse(context, method, stream.revoked, observe=False)
             finally:
-                self.streams.discard(stream)
-                left = self.watchers[key] - 1
-                if left:
-                    self.watchers[key] = left
-                else:
-                    del self.watchers[key]
+                self._closed(key)
+
+        return guarded
+
+    async def _revocable(
+        self,
+        inner: Callable[[Any, Context], AsyncIterator[Any]],
+        request: Any,
+        context: Context,
+        method: str,
+        metadata: Sequence[Any] | None,
+    ) -> AsyncIterator[Any]:
+        stream = _OpenStream(method, metadata, context, None)
+        self.streams.add(stream)
+        messages = aiter(inner(request, context))
+        try:
+            while stream.revoked is None:
+                # Whichever task asks for this message is the one a reload cancels.
+                stream.task = asyncio.current_task()
+                stream.waiting = True
+                try:
+                    item = await anext(messages)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if stream.revoked is None or stream.task is None:
+                        raise
+                    # Cancelled by a reload that no longer accepts this caller: end with the reason.
+                    stream.task.uncancel()
+                    break
+                finally:
+                    stream.waiting = False
+                yield item
+            # Release the watcher now, then end the call with the reason. (The service counts a stream cut
+            # short as cancelled; the reason goes to the client only.)
+            await _close(messages)
+            await self._refuse(context, method, stream.revoked, observe=False)
+        finally:
+            self.streams.discard(stream)
+            await _close(messages)
+
+    def _guard_health_watch(
+        self, inner: Callable[[Any, Context], Awaitable[None]], metadata: Sequence[Any] | None
+    ) -> Callable[[Any, Context], Awaitable[None]]:
+        async def guarded(request: Any, context: Context) -> None:
+            # Health needs no credential; a caller that shows a valid one is counted as itself.
+            try:
+                client = self.authenticate(metadata, context).name
+            except errors.JobStateError:
+                client = self._cert_cn(context) or peer_host(context.peer())
+            try:
+                self.admit_watcher(client)
+            except errors.JobStateError as exc:
+                await self._refuse(context, "Health.Watch", exc, client, observe=False)
+            self._opened(client)
+            try:
+                await inner(request, context)
+            finally:
+                self._closed(client)
 
         return guarded

@@ -12,6 +12,7 @@ change is encoded once for all watchers), so Watch's response serializer is the 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,10 @@ MIN_PROGRESS_INTERVAL = 0.01
 # Watch sends the store's id in this header; a client resuming by revision sends it back, so a server whose
 # store was reset refuses the resume (REVISION_COMPACTED) instead of serving another history's revisions.
 STORE_ID_KEY = "jobstate-store-id"
+
+# Who is calling, as the security interceptor named the caller ("" when there is none): the store counts the
+# jobs each caller created against its share of max_jobs. Set in the call's own task, so it never leaks.
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("jobstate_caller", default="")
 
 # One table from domain error to status code; tests/integration/test_errors_raw.py checks it covers every error.
 STATUS_OF: dict[type[errors.JobStateError], grpc.StatusCode] = {
@@ -128,7 +133,7 @@ class JobStateService:
         timeout_ns = req.timeout.ToNanoseconds() if req.HasField("timeout") else 0
         if req.HasField("timeout") and timeout_ns <= 0:
             raise errors.InvalidArgument("timeout must be positive when set", field="timeout")
-        r = await self.store.create_job(req.job_id, timeout_ns, req.comment)
+        r = await self.store.create_job(req.job_id, timeout_ns, req.comment, owner=CALLER.get())
         return spb.CreateJobResponse(job=r.job, revision=r.revision)
 
     async def get_job(self, req: spb.GetJobRequest) -> spb.GetJobResponse:

@@ -11,14 +11,18 @@ loop's one thread, so no reader or watcher can observe half a change and revisio
 from __future__ import annotations
 
 import abc
+import asyncio
 import base64
 import bisect
 import heapq
+import itertools
 import json
+import sys
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import field_mask_pb2
 
@@ -94,7 +98,8 @@ class Store(abc.ABC):
             )
 
     @abc.abstractmethod
-    async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "") -> WriteResult: ...
+    async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "", owner: str = "") -> WriteResult:
+        """``owner`` names the caller creating the job, for ``limits.max_jobs_per_client`` ("": nobody's)."""
 
     @abc.abstractmethod
     async def get_job(self, job_id: str) -> ReadResult: ...
@@ -150,6 +155,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Ends watch streams with ``ShuttingDown``; the engine's resources are released."""
+
+
+def _matches(rec: _Record, wanted: frozenset[int], node_id: str) -> bool:
+    return (not wanted or rec.state in wanted) and (not node_id or node_id in rec.nodes)
 
 
 # --- page tokens -------------------------------------------------------------------------------------------
@@ -283,6 +292,8 @@ class _Record:
     # What ListJobs filters on, kept beside the bytes so a filtered scan parses only the jobs it returns.
     state: int = 0
     nodes: tuple[str, ...] = ()
+    # Who created the job ("": nobody known), for limits.max_jobs_per_client.
+    owner: str = ""
 
     def index(self, job: pb.JobState) -> None:
         self.state = job.state
@@ -296,8 +307,40 @@ class _Record:
         return [pb.JobHistoryEntry.FromString(e) for e in self.history]
 
 
+Key = tuple[int, str]  # (create_ns, job_id): the ListJobs order
+
+
+def _insert(index: dict[Any, list[Key]], name: Any, key: Key) -> None:
+    keys = index.get(name)
+    if keys is None:
+        index[name] = [key]
+    elif keys[-1] < key:
+        keys.append(key)  # the common case: the newest job
+    else:
+        bisect.insort(keys, key)
+
+
+def _remove(index: dict[Any, list[Key]], name: Any, key: Key) -> None:
+    keys = index[name]
+    i = bisect.bisect_left(keys, key)
+    if i < len(keys) and keys[i] == key:
+        del keys[i]
+    if not keys:
+        del index[name]
+
+
 class MemoryStore(Store):
-    """The embedded engine: everything in this process; revisions exactly one apart."""
+    """The embedded engine: everything in this process; revisions exactly one apart.
+
+    ListJobs reads indexes kept in its own order: every job's key, and the keys by state and by node, so a
+    filtered page visits the jobs that match rather than every job (``scan_visits`` counts what it visited). A
+    filter on both state and node walks the smaller of the two and checks the other; such a walk gives the
+    loop back every ``scan_chunk`` jobs, and the page is still exactly what matched at the revision it
+    returns (``_scans`` notes what changed meanwhile, and the page is checked again before it is answered).
+    """
+
+    # Jobs a ListJobs visits before it lets other calls run.
+    scan_chunk = 1024
 
     def __init__(self, hub: WatchHub | None = None, limits: rules.Limits = rules.DEFAULT_LIMITS) -> None:
         self.hub = hub if hub is not None else WatchHub()
@@ -309,6 +352,14 @@ class MemoryStore(Store):
         self._revision = self.hub.head_revision
         self.store_id = f"mem-{uuid.uuid4().hex[:16]}"
         self._clock = _Clock()
+        # ListJobs' indexes: the keys of the jobs in each state and of the jobs with an execution on each node.
+        self._by_state: dict[int, list[Key]] = {}
+        self._by_node: dict[str, list[Key]] = {}
+        self._owned: dict[str, int] = {}  # jobs held by each creator
+        # The ids of the jobs changed while each running ListJobs had given the loop back.
+        self._scans: dict[int, set[str]] = {}
+        self._scan_ids = itertools.count()
+        self.scan_visits = 0
 
     # -- internals -----------------------------------------------------------------------------------------
 
@@ -332,12 +383,49 @@ class MemoryStore(Store):
         ``job`` is the record's job when the caller has it parsed already (a commit); a record read back from
         disk is parsed and indexed here."""
         self._jobs[rec.job_id] = rec
-        self._order.append((rec.create_ns, rec.job_id))
+        key = (rec.create_ns, rec.job_id)
+        self._order.append(key)
         if job is None:
             job = rec.job
             rec.index(job)
+        _insert(self._by_state, rec.state, key)
+        for node in rec.nodes:
+            _insert(self._by_node, node, key)
+        if rec.owner:
+            self._owned[rec.owner] = self._owned.get(rec.owner, 0) + 1
         if job.HasField("timeout_at"):
             heapq.heappush(self._timeouts, (job.timeout_at.ToNanoseconds(), rec.job_id, rec.create_ns))
+
+    def _reindex(self, rec: _Record, state: int, nodes: tuple[str, ...]) -> None:
+        key = (rec.create_ns, rec.job_id)
+        if state != rec.state:
+            _remove(self._by_state, rec.state, key)
+            _insert(self._by_state, state, key)
+            rec.state = state
+        if nodes != rec.nodes:
+            old, new = set(rec.nodes), set(nodes)
+            for node in old - new:
+                _remove(self._by_node, node, key)
+            for node in new - old:
+                _insert(self._by_node, node, key)
+            rec.nodes = nodes
+
+    def _forget(self, rec: _Record) -> None:
+        """Takes a job out of memory and every index."""
+        key = (rec.create_ns, rec.job_id)
+        del self._jobs[rec.job_id]
+        del self._order[bisect.bisect_left(self._order, key)]
+        _remove(self._by_state, rec.state, key)
+        for node in rec.nodes:
+            _remove(self._by_node, node, key)
+        if rec.owner:
+            left = self._owned[rec.owner] - 1
+            if left:
+                self._owned[rec.owner] = left
+            else:
+                del self._owned[rec.owner]
+        for changed in self._scans.values():
+            changed.add(rec.job_id)
 
     def _commit(self, rec: _Record, change: changes.Change, event_type: int, now_ns: int) -> WriteResult:
         revision = self._revision + 1
@@ -348,10 +436,14 @@ class MemoryStore(Store):
         self._persist(Mutation(revision, event_type, change.job, data, now_ns, rec.create_ns, entry_data, event))
         self._revision = revision
         rec.data = data
-        rec.state = change.job.state
-        rec.nodes = event.nodes  # computed once, for the hub and for ListJobs' node filter
+        # event.nodes: computed once, for the hub and for ListJobs' node filter
         if event_type == CREATED:
+            rec.state, rec.nodes = change.job.state, event.nodes
             self._add(rec, change.job)
+        else:
+            self._reindex(rec, change.job.state, event.nodes)
+        for changed in self._scans.values():
+            changed.add(rec.job_id)
         rec.mod_revision = revision
         rec.mod_time_ns = now_ns
         rec.history.append(entry_data)
@@ -360,16 +452,19 @@ class MemoryStore(Store):
 
     # -- writes --------------------------------------------------------------------------------------------
 
-    async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "") -> WriteResult:
+    async def create_job(self, job_id: str, timeout_ns: int = 0, comment: str = "", owner: str = "") -> WriteResult:
         validate_create_job(job_id, timeout_ns, comment, self.limits)
         job_id = job_id or str(uuid.uuid4())
         if job_id in self._jobs:
             raise JobAlreadyExists(f"job {job_id!r} already exists", job_id=job_id)
         if self.limits.max_jobs and len(self._jobs) >= self.limits.max_jobs:
             raise ResourceLimit(f"the store holds {len(self._jobs)} jobs, its limit", limit="max_jobs")
+        share = self.limits.max_jobs_per_client
+        if share and owner and (held := self._owned.get(owner, 0)) >= share:
+            raise ResourceLimit(f"{owner} holds {held} jobs, its share of the store", limit="max_jobs_per_client")
         now = self._clock.now()
         change = changes.new_job(job_id, now, timeout_ns, comment)
-        rec = _Record(job_id, b"", 0, now, now, [])
+        rec = _Record(job_id, b"", 0, now, now, [], owner=sys.intern(owner))
         return self._commit(rec, change, CREATED, now)
 
     async def update_job_state(
@@ -416,9 +511,7 @@ class MemoryStore(Store):
         event = Change(revision, DELETED, job, now, rec.data, rec.job_id)
         self._persist(Mutation(revision, DELETED, job, rec.data, now, rec.create_ns, None, event))
         self._revision = revision
-        del self._jobs[job_id]
-        i = bisect.bisect_left(self._order, (rec.create_ns, job_id))
-        del self._order[i]
+        self._forget(rec)
         self.hub.publish_change(event)
         return WriteResult(job, revision)
 
@@ -454,24 +547,102 @@ class MemoryStore(Store):
         self, states: Sequence[int] = (), node_id: str = "", page_size: int = 0, page_token: str = ""
     ) -> JobPage:
         size = validate_list_jobs(states, node_id, page_size, self.limits)
-        start = 0
+        after: Key | None = None
         if page_token:
             create_ns, last_id = decode_token(page_token, (int, str))
-            start = bisect.bisect_right(self._order, (create_ns, last_id))
+            after = (create_ns, last_id)  # type: ignore[assignment]
         wanted = frozenset(states)
+        found: list[Key] = []
+        cursor, exhausted = after, False
+        scan: int | None = None
+        try:
+            while True:
+                cursor, exhausted = self._scan(wanted, node_id, cursor, size, found)
+                if exhausted or len(found) >= size:
+                    break
+                if scan is None:
+                    scan = next(self._scan_ids)
+                    self._scans[scan] = set()
+                await asyncio.sleep(0)  # a long walk (state and node both given) lets other calls run
+            changed = self._scans.pop(scan, set()) if scan is not None else set()
+        finally:
+            if scan is not None:
+                self._scans.pop(scan, None)
+        # From here on nothing awaits: the page is what matches now, at the revision it returns. A job changed
+        # while the walk had given the loop back may have come to match behind the cursor: look at each again.
+        if changed:
+            end = None if exhausted else cursor
+            for job_id in changed:
+                rec = self._jobs.get(job_id)
+                if rec is not None:
+                    key = (rec.create_ns, job_id)
+                    if (after is None or key > after) and (end is None or key <= end):
+                        found.append(key)
+            found = sorted(set(found))
         jobs: list[pb.JobState] = []
-        i = start
-        order = self._order
-        while i < len(order) and len(jobs) < size:
-            rec = self._jobs[order[i][1]]
-            i += 1
-            if wanted and rec.state not in wanted:
+        last: Key | None = None
+        full = False
+        for key in found:
+            rec = self._jobs.get(key[1])
+            if rec is None or rec.create_ns != key[0] or not _matches(rec, wanted, node_id):
                 continue
-            if node_id and node_id not in rec.nodes:
-                continue
+            if len(jobs) == size:
+                full = True
+                break
             jobs.append(rec.job)
-        token = encode_token(*order[i - 1]) if i < len(order) else ""
+            last = key
+        # The next page starts after the last job returned when the page is full, else after what was walked.
+        ends_at = last if full else (None if exhausted else cursor)
+        token = encode_token(*ends_at) if ends_at is not None else ""
         return JobPage(jobs, token, self._revision)
+
+    def _scan(
+        self, wanted: frozenset[int], node_id: str, after: Key | None, size: int, found: list[Key]
+    ) -> tuple[Key | None, bool]:
+        """Walks at most ``scan_chunk`` keys after ``after`` in ListJobs order, from the narrowest index, adding
+        those that match to ``found`` until it holds ``size``. Returns the last key walked and whether the walk
+        reached the end."""
+        sources: list[list[Key]]
+        check_state = check_node = False
+        by_state = [self._by_state.get(s, []) for s in wanted]
+        by_node = self._by_node.get(node_id, []) if node_id else None
+        if by_node is not None and wanted:
+            if len(by_node) <= sum(len(keys) for keys in by_state):
+                sources, check_state = [by_node], True
+            else:
+                sources, check_node = by_state, True
+        elif by_node is not None:
+            sources = [by_node]
+        elif wanted:
+            sources = by_state
+        else:
+            sources = [self._order]
+        starts = [bisect.bisect_right(keys, after) if after is not None else 0 for keys in sources]
+        walk: Iterator[Key]
+        if len(sources) == 1:
+            walk = itertools.islice(sources[0], starts[0], None)
+        else:
+            walk = heapq.merge(*(itertools.islice(keys, i, None) for keys, i in zip(sources, starts, strict=True)))
+        cursor = after
+        visited = 0
+        jobs = self._jobs
+        for key in walk:
+            visited += 1
+            cursor = key
+            if check_state or check_node:
+                rec = jobs[key[1]]
+                if (check_state and rec.state not in wanted) or (check_node and node_id not in rec.nodes):
+                    if visited >= self.scan_chunk:
+                        break
+                    continue
+            found.append(key)
+            if len(found) >= size or visited >= self.scan_chunk:
+                break
+        self.scan_visits += visited
+        if cursor is None:
+            return None, True
+        more = any(bisect.bisect_right(keys, cursor) < len(keys) for keys in sources)
+        return cursor, not more
 
     async def get_history(self, job_id: str, page_size: int = 0, page_token: str = "") -> HistoryPage:
         size = rules.validate_page(page_size, self.limits)
@@ -489,6 +660,8 @@ class MemoryStore(Store):
         snap = Snapshot(self._revision)
         if spec.job_ids is not None:
             recs = [r for j in sorted(spec.job_ids) if (r := self._jobs.get(j)) is not None]
+        elif spec.node_id:
+            recs = [self._jobs[job_id] for _, job_id in self._by_node.get(spec.node_id, ())]
         else:
             recs = [self._jobs[job_id] for _, job_id in self._order]
         for r in recs:
@@ -505,9 +678,7 @@ class MemoryStore(Store):
         return self.hub.watch(spec, lambda: self.snapshot(spec))
 
     def stats(self) -> StoreStats:
-        by_state: dict[int, int] = {}
-        for r in self._jobs.values():
-            by_state[r.state] = by_state.get(r.state, 0) + 1
+        by_state = {state: len(keys) for state, keys in self._by_state.items()}
         return StoreStats(
             jobs=len(self._jobs),
             jobs_by_state=by_state,
