@@ -68,6 +68,7 @@ from jobstate.server.errors import (
 from jobstate.server.hub import (
     BOOKMARK,
     CREATED,
+    DEFAULT_HISTORY_BYTES,
     DELETED,
     INITIAL,
     UPDATED,
@@ -226,6 +227,7 @@ class EtcdStore(Store):
         *,
         max_watchers: int = 0,
         history_size: int = 0,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
         request_timeout: float = 5.0,
         connect_timeout: float = 10.0,
     ) -> None:
@@ -248,7 +250,7 @@ class EtcdStore(Store):
         self._closed = False
         # Watchers with an etcd watch of their own (starting before what the hub holds).
         self._watchers: set[_Watcher] = set()
-        self._hub = WatchHub(min(history_size or _HUB_RING, _HUB_RING))
+        self._hub = WatchHub(min(history_size or _HUB_RING, _HUB_RING), history_bytes=history_bytes)
         # True while the follower's etcd watch is established: only then may the hub serve new watchers.
         self._following = False
         self._events: OrderedDict[tuple[int, bytes], _Event] = OrderedDict()
@@ -948,4 +950,5 @@ def open_store(config: ServerConfig) -> EtcdStore:
         config.limits,
         max_watchers=config.max_watchers,
         history_size=config.history_size,
+        history_bytes=config.history_bytes,
     )
