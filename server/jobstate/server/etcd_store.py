@@ -111,6 +111,8 @@ _MAX_ATTEMPTS = 64
 _WATCH_QUEUE = 64
 _MAX_BATCH_BYTES = 1 << 20
 _EVENT_CACHE = 4096
+# ... and at most this many bytes of them: 4,096 jobs of 2 MiB would otherwise be 8 GiB.
+_EVENT_CACHE_BYTES = 32 * 1024 * 1024
 # Revisions the follower's hub holds: watchers resuming within them are served by this server alone.
 _HUB_RING = 10_000
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs lack it
@@ -254,6 +256,7 @@ class EtcdStore(Store):
         # True while the follower's etcd watch is established: only then may the hub serve new watchers.
         self._following = False
         self._events: OrderedDict[tuple[int, bytes], _Event] = OrderedDict()
+        self._events_bytes = 0
         # What this server knows from its follow watch: for stats and the sweeper.
         self._head = 0
         self._states: dict[str, int] = {}
@@ -726,8 +729,10 @@ class EtcdStore(Store):
         frame = encode_event(event_type, revision, job_bytes, job.update_time.ToNanoseconds())
         event = _Event(job.job_id, node_tuple(job), frame, job.state)
         self._events[cache_key] = event
-        if len(self._events) > _EVENT_CACHE:
-            self._events.popitem(last=False)
+        self._events_bytes += len(frame)
+        while len(self._events) > 1 and (len(self._events) > _EVENT_CACHE or self._events_bytes > _EVENT_CACHE_BYTES):
+            _, dropped = self._events.popitem(last=False)
+            self._events_bytes -= len(dropped.frame)
         return event
 
     async def _current_revision(self) -> int:
@@ -909,6 +914,8 @@ class EtcdStore(Store):
             history_size=0,
             watchers=len(self._watchers) + self._hub.watcher_count,
             watcher_lags=[max(0, self._head - w.delivered) for w in self._watchers] + self._hub.lags(),
+            history_bytes_held=self._hub.bytes_held + self._events_bytes,
+            history_bytes=self._hub.history_bytes,
         )
 
     async def close(self) -> None:

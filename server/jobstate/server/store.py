@@ -64,6 +64,9 @@ class StoreStats:
     history_size: int
     watchers: int
     watcher_lags: list[int] = field(default_factory=list)
+    # What the held history takes in memory by the hub's account, and its budget (0: none).
+    history_bytes_held: int = 0
+    history_bytes: int = 0
 
 
 class Store(abc.ABC):
@@ -516,6 +519,8 @@ class MemoryStore(Store):
             history_size=self.hub.history_size,
             watchers=self.hub.watcher_count,
             watcher_lags=self.hub.lags(),
+            history_bytes_held=self.hub.bytes_held,
+            history_bytes=self.hub.history_bytes,
         )
 
     async def close(self) -> None:
