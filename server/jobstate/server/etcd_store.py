@@ -82,6 +82,7 @@ from jobstate.server.hub import (
 from jobstate.server.store import (
     HistoryPage,
     JobPage,
+    PageBytes,
     ReadResult,
     Store,
     StoreStats,
@@ -520,7 +521,7 @@ class EtcdStore(Store):
     ) -> WriteResult:
         validate_update_job_state(new_state, condition, comment, self.limits)
         return await self._write(
-            job_id, lambda cur, now: changes.change_job_state(cur, new_state, condition, comment, now)
+            job_id, lambda cur, now: changes.change_job_state(cur, new_state, condition, comment, now, self.limits)
         )
 
     async def create_execution(self, job_id: str, execution: pb.ExecutionState, comment: str = "") -> WriteResult:
@@ -650,14 +651,18 @@ class EtcdStore(Store):
         wanted = frozenset(states)
         jobs: list[pb.JobState] = []
         i = start
+        page_bytes = PageBytes(self.limits)
         while i < len(rows) and len(jobs) < size:
             job = rows[i][2]
-            i += 1
-            if wanted and job.state not in wanted:
+            if (wanted and job.state not in wanted) or (
+                node_id and not any(e.node_id == node_id for e in job.executions)
+            ):
+                i += 1
                 continue
-            if node_id and not any(e.node_id == node_id for e in job.executions):
-                continue
+            if not page_bytes.fits(job.ByteSize()):
+                break
             jobs.append(job)
+            i += 1
         token = encode_token(rows[i - 1][0], rows[i - 1][1]) if i < len(rows) else ""
         return JobPage(jobs, token, revision)
 
@@ -688,11 +693,14 @@ class EtcdStore(Store):
             raise JobNotFound(f"job {job_id!r} does not exist", job_id=job_id)
         kvs = resp.responses[1].response_range.kvs
         entries: list[pb.JobHistoryEntry] = []
+        page_bytes = PageBytes(self.limits)
         for kv in kvs[:size]:
+            if not page_bytes.fits(len(kv.value)):
+                break
             entry = pb.JobHistoryEntry.FromString(kv.value)
             entry.revision = kv.create_revision
             entries.append(entry)
-        token = encode_token(entries[-1].version) if len(kvs) > size else ""
+        token = encode_token(entries[-1].version) if len(kvs) > len(entries) else ""
         return HistoryPage(entries, token)
 
     # -- watch ---------------------------------------------------------------------------------------------

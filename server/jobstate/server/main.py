@@ -192,6 +192,10 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     non-loopback address without ``insecure``, half a TLS key pair, a client CA without TLS).
     """
     tls = check_transport(config)
+    # A page must fit in a message: with a smaller --max-message-bytes, pages end sooner.
+    page_bytes = min(config.limits.max_page_bytes, max(64 * 1024, config.max_message_bytes - 64 * 1024))
+    if page_bytes != config.limits.max_page_bytes:
+        config = replace(config, limits=replace(config.limits, max_page_bytes=page_bytes))
     security_config = SecurityConfig(
         auth_tokens_file=config.auth_tokens_file,
         mtls=config.tls_client_ca is not None,

@@ -227,6 +227,25 @@ def validate_update_execution(
     return paths
 
 
+class PageBytes:
+    """Ends a page before its items pass ``Limits.max_page_bytes``; the first item always fits, so every page
+    makes progress (one job is at most ``max_job_bytes``, well under the message limit)."""
+
+    __slots__ = ("budget", "used")
+
+    def __init__(self, limits: rules.Limits) -> None:
+        self.budget = limits.max_page_bytes
+        self.used = 0
+
+    def fits(self, item_bytes: int) -> bool:
+        # Each item is framed in the response by a tag and its length (at most 4 bytes for 2 MiB).
+        cost = item_bytes + 5
+        if self.used and self.used + cost > self.budget:
+            return False
+        self.used += cost
+        return True
+
+
 def validate_list_jobs(states: Sequence[int], node_id: str, page_size: int, limits: rules.Limits) -> int:
     """Validates a ListJobs and returns the page size to use."""
     for s in states:
@@ -381,7 +400,7 @@ class MemoryStore(Store):
         validate_update_job_state(new_state, condition, comment, self.limits)
         rec = self._record(job_id)
         now = self._clock.now()
-        change = changes.change_job_state(rec.job, new_state, condition, comment, now)
+        change = changes.change_job_state(rec.job, new_state, condition, comment, now, self.limits)
         return self._commit(rec, change, UPDATED, now)
 
     async def create_execution(self, job_id: str, execution: pb.ExecutionState, comment: str = "") -> WriteResult:
@@ -465,14 +484,16 @@ class MemoryStore(Store):
         jobs: list[pb.JobState] = []
         i = start
         order = self._order
+        page_bytes = PageBytes(self.limits)
         while i < len(order) and len(jobs) < size:
             rec = self._jobs[order[i][1]]
-            i += 1
-            if wanted and rec.state not in wanted:
+            if (wanted and rec.state not in wanted) or (node_id and node_id not in rec.nodes):
+                i += 1
                 continue
-            if node_id and node_id not in rec.nodes:
-                continue
+            if not page_bytes.fits(len(rec.data)):
+                break
             jobs.append(rec.job)
+            i += 1
         token = encode_token(*order[i - 1]) if i < len(order) else ""
         return JobPage(jobs, token, self._revision)
 
@@ -484,7 +505,10 @@ class MemoryStore(Store):
             (start,) = decode_token(page_token, (int,))  # type: ignore[assignment]
             if start < 0:
                 raise InvalidArgument("page_token is not a token this server issued", field="page_token")
-        end = start + size
+        page_bytes = PageBytes(self.limits)
+        end = start
+        while end < min(start + size, len(rec.history)) and page_bytes.fits(len(rec.history[end])):
+            end += 1
         entries = [pb.JobHistoryEntry.FromString(e) for e in rec.history[start:end]]
         return HistoryPage(entries, encode_token(end) if end < len(rec.history) else "")
 
