@@ -189,6 +189,8 @@ def etcd_server() -> Iterator[Server]:
                 f"--initial-advertise-peer-urls=http://{HOST}:{peer}",
                 f"--initial-cluster=bench=http://{HOST}:{peer}",
                 "--quota-backend-bytes=8589934592",
+                # A job may be 2 MiB (the size limit); the jobstate-on-etcd rows and bench.amplification need it.
+                "--max-request-bytes=8388608",
                 "--log-level=warn",
             ],
             stdout=log,

@@ -132,6 +132,9 @@ def test_workload_moves_counters_and_gauges_exactly(metrics_server: Any) -> None
     assert get(after, "jobstate_revision") == 8
     assert get(after, "jobstate_history_held_changes") == 8
     assert get(after, "jobstate_history_capacity_changes") == metrics_server.config.history_size
+    # Eight small changes: their bytes and the fixed overhead each, well within the default budget.
+    assert 8 * 200 < get(after, "jobstate_history_held_bytes") < 8 * 2000
+    assert get(after, "jobstate_history_capacity_bytes") == metrics_server.config.history_bytes
 
     # A client cancelling its watch is not a drop.
     assert get(ended, "jobstate_requests_total", method="Watch", code="CANCELLED") == 2

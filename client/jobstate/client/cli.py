@@ -97,6 +97,19 @@ def non_negative_int(text: str) -> int:
     return n
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+def byte_size(text: str) -> int:
+    """Bytes from ``268435456``, ``256MiB``, ``8M`` (binary), ``100MB`` (decimal) or ``0``."""
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 256MiB, 8MiB, 1GiB, 1048576)")
+    unit = (m.group(2) or "").lower().replace("ib", "")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
 def positive_int(text: str) -> int:
     n = non_negative_int(text)
     if n == 0:
@@ -262,6 +275,7 @@ def cmd_serve(ctx: Context) -> int:
         host=a.host,
         port=a.port,
         history_size=a.history_size,
+        history_bytes=a.history_bytes,
         max_watchers=a.max_watchers,
         grace=a.grace,
         metrics_port=a.metrics_port,
@@ -680,6 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=50051, help="port to listen on (0: a free one)")
     p.add_argument("--history-size", type=non_negative_int, default=100_000, help="changes kept for watchers")
+    p.add_argument(
+        "--history-bytes",
+        type=byte_size,
+        default=256 * 1024 * 1024,
+        metavar="SIZE",
+        help="memory the changes kept for watchers may take, oldest let go first (e.g. 256MiB; 0: no bound but "
+        "--history-size)",
+    )
     p.add_argument("--max-watchers", type=non_negative_int, default=10_000, help="concurrent watch streams")
     p.add_argument("--grace", type=duration, default=5.0, help="seconds in-flight calls get at shutdown")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")

@@ -50,11 +50,18 @@ def _touch(job: pb.JobState, now_ns: int) -> None:
     job.update_time.FromNanoseconds(now_ns)
 
 
-def _check_size(job: pb.JobState, limits: rules.Limits) -> None:
+# What a change may add beyond ``max_job_bytes`` for the server's own bookkeeping, per execution it touches (and
+# once for the job): a version and an update time each grow by a few bytes as they count up, and a job that
+# reached the limit must still be able to change state or be cancelled. A comment copied into executions is
+# not bookkeeping: it counts in full.
+BOOKKEEPING_BYTES = 32
+
+
+def _check_size(job: pb.JobState, limits: rules.Limits, slack: int = 0, hint: str = "") -> None:
     size = job.ByteSize()
-    if size > limits.max_job_bytes:
+    if size > limits.max_job_bytes + slack:
         raise ResourceLimit(
-            f"job {job.job_id} would be {size} bytes, more than the limit of {limits.max_job_bytes}",
+            f"job {job.job_id} would be {size} bytes, more than the limit of {limits.max_job_bytes}{hint}",
             limit="max_job_bytes",
         )
 
@@ -76,7 +83,12 @@ def change_job_state(
     condition: spb.JobCondition | None,
     comment: str,
     now_ns: int,
+    limits: rules.Limits | None = None,
 ) -> Change:
+    """The job moved to ``new_state``; a final state cancels its active executions in the same change, each
+    getting ``comment`` as its status. With ``limits`` the job after it must fit ``max_job_bytes`` (the comment
+    counts once per execution it is copied into); without, it is the server's own change (a timeout), which must
+    never be refused: it adds at most ``BOOKKEEPING_BYTES`` per execution plus "timed out"."""
     if condition is not None:
         rules.check_job_condition(current, condition)
     if rules.is_terminal_job(current.state):
@@ -91,6 +103,7 @@ def change_job_state(
     entry = _entry(job, now_ns, comment)
     entry.job_state.previous_state = current.state
     entry.job_state.new_state = new_state  # type: ignore[assignment]
+    cancelled = 0
     if rules.is_terminal_job(new_state):
         # The cascade: one change, one version, one revision, one event.
         for e in job.executions:
@@ -106,6 +119,15 @@ def change_job_state(
                 e.status = comment
                 e.version += 1
                 e.update_time.FromNanoseconds(now_ns)
+                cancelled += 1
+    if limits is not None:
+        hint = ""
+        if cancelled and comment:
+            hint = (
+                f": the comment is copied into each of the {cancelled} executions it cancels; give a shorter one "
+                "(or none)"
+            )
+        _check_size(job, limits, BOOKKEEPING_BYTES * (1 + cancelled), hint)
     return Change(job, entry)
 
 

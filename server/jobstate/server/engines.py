@@ -48,7 +48,7 @@ ENGINES: dict[str, Callable[[ServerConfig], Store]] = {
 
 
 def _hub(config: ServerConfig) -> WatchHub:
-    return WatchHub(config.history_size, max_watchers=config.max_watchers)
+    return WatchHub(config.history_size, history_bytes=config.history_bytes, max_watchers=config.max_watchers)
 
 
 def open_store(config: ServerConfig) -> Store:

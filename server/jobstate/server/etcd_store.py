@@ -68,6 +68,7 @@ from jobstate.server.errors import (
 from jobstate.server.hub import (
     BOOKMARK,
     CREATED,
+    DEFAULT_HISTORY_BYTES,
     DELETED,
     INITIAL,
     UPDATED,
@@ -81,6 +82,7 @@ from jobstate.server.hub import (
 from jobstate.server.store import (
     HistoryPage,
     JobPage,
+    PageBytes,
     ReadResult,
     Store,
     StoreStats,
@@ -110,6 +112,8 @@ _MAX_ATTEMPTS = 64
 _WATCH_QUEUE = 64
 _MAX_BATCH_BYTES = 1 << 20
 _EVENT_CACHE = 4096
+# ... and at most this many bytes of them: 4,096 jobs of 2 MiB would otherwise be 8 GiB.
+_EVENT_CACHE_BYTES = 32 * 1024 * 1024
 # Revisions the follower's hub holds: watchers resuming within them are served by this server alone.
 _HUB_RING = 10_000
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs lack it
@@ -230,6 +234,7 @@ class EtcdStore(Store):
         *,
         max_watchers: int = 0,
         history_size: int = 0,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
         request_timeout: float = 5.0,
         connect_timeout: float = 10.0,
     ) -> None:
@@ -252,10 +257,11 @@ class EtcdStore(Store):
         self._closed = False
         # Watchers with an etcd watch of their own (starting before what the hub holds).
         self._watchers: set[_Watcher] = set()
-        self._hub = WatchHub(min(history_size or _HUB_RING, _HUB_RING))
+        self._hub = WatchHub(min(history_size or _HUB_RING, _HUB_RING), history_bytes=history_bytes)
         # True while the follower's etcd watch is established: only then may the hub serve new watchers.
         self._following = False
         self._events: OrderedDict[tuple[int, bytes], _Event] = OrderedDict()
+        self._events_bytes = 0
         # What this server knows from its follow watch: for stats and the sweeper.
         self._head = 0
         self._states: dict[str, int] = {}
@@ -520,7 +526,7 @@ class EtcdStore(Store):
     ) -> WriteResult:
         validate_update_job_state(new_state, condition, comment, self.limits)
         return await self._write(
-            job_id, lambda cur, now: changes.change_job_state(cur, new_state, condition, comment, now)
+            job_id, lambda cur, now: changes.change_job_state(cur, new_state, condition, comment, now, self.limits)
         )
 
     async def create_execution(self, job_id: str, execution: pb.ExecutionState, comment: str = "") -> WriteResult:
@@ -653,14 +659,18 @@ class EtcdStore(Store):
         wanted = frozenset(states)
         jobs: list[pb.JobState] = []
         i = start
+        page_bytes = PageBytes(self.limits)
         while i < len(rows) and len(jobs) < size:
             job = rows[i][2]
-            i += 1
-            if wanted and job.state not in wanted:
+            if (wanted and job.state not in wanted) or (
+                node_id and not any(e.node_id == node_id for e in job.executions)
+            ):
+                i += 1
                 continue
-            if node_id and not any(e.node_id == node_id for e in job.executions):
-                continue
+            if not page_bytes.fits(job.ByteSize()):
+                break
             jobs.append(job)
+            i += 1
         token = encode_token(rows[i - 1][0], rows[i - 1][1]) if i < len(rows) else ""
         return JobPage(jobs, token, revision)
 
@@ -691,11 +701,14 @@ class EtcdStore(Store):
             raise JobNotFound(f"job {job_id!r} does not exist", job_id=job_id)
         kvs = resp.responses[1].response_range.kvs
         entries: list[pb.JobHistoryEntry] = []
+        page_bytes = PageBytes(self.limits)
         for kv in kvs[:size]:
+            if not page_bytes.fits(len(kv.value)):
+                break
             entry = pb.JobHistoryEntry.FromString(kv.value)
             entry.revision = kv.create_revision
             entries.append(entry)
-        token = encode_token(entries[-1].version) if len(kvs) > size else ""
+        token = encode_token(entries[-1].version) if len(kvs) > len(entries) else ""
         return HistoryPage(entries, token)
 
     # -- watch ---------------------------------------------------------------------------------------------
@@ -732,8 +745,10 @@ class EtcdStore(Store):
         frame = encode_event(event_type, revision, job_bytes, job.update_time.ToNanoseconds())
         event = _Event(job.job_id, node_tuple(job), frame, job.state)
         self._events[cache_key] = event
-        if len(self._events) > _EVENT_CACHE:
-            self._events.popitem(last=False)
+        self._events_bytes += len(frame)
+        while len(self._events) > 1 and (len(self._events) > _EVENT_CACHE or self._events_bytes > _EVENT_CACHE_BYTES):
+            _, dropped = self._events.popitem(last=False)
+            self._events_bytes -= len(dropped.frame)
         return event
 
     async def _current_revision(self) -> int:
@@ -915,6 +930,8 @@ class EtcdStore(Store):
             history_size=0,
             watchers=len(self._watchers) + self._hub.watcher_count,
             watcher_lags=[max(0, self._head - w.delivered) for w in self._watchers] + self._hub.lags(),
+            history_bytes_held=self._hub.bytes_held + self._events_bytes,
+            history_bytes=self._hub.history_bytes,
         )
 
     async def close(self) -> None:
@@ -956,4 +973,5 @@ def open_store(config: ServerConfig) -> EtcdStore:
         config.limits,
         max_watchers=config.max_watchers,
         history_size=config.history_size,
+        history_bytes=config.history_bytes,
     )

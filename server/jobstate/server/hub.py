@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from jobstate.server.errors import ResourceLimit, RevisionCompacted, ShuttingDown, WatcherLagged
@@ -43,6 +43,8 @@ BOOKMARK = ET.WATCH_EVENT_TYPE_BOOKMARK
 # A ring scan that matches nothing gives the loop back after this many changes, so one filtered watcher
 # catching up through a long history cannot stall every other client.
 _SCAN_SLICE = 4096
+# What the change history may take in memory by default (``--history-bytes``).
+DEFAULT_HISTORY_BYTES = 256 * 1024 * 1024
 
 
 # --- wire encoding -----------------------------------------------------------------------------------------
@@ -74,16 +76,18 @@ def _timestamp(ns: int) -> bytes:
 
 def encode_event(event_type: int, revision: int, job_bytes: bytes | None, time_ns: int) -> bytes:
     """The serialized ``WatchEvent``, framed as one entry of ``WatchResponse.events``."""
-    body = bytearray(b"\x08")
-    body += _varint(event_type)
+    head = [b"\x08", _varint(event_type)]
     if revision:
-        body += b"\x10" + _varint(revision)
+        head += (b"\x10", _varint(revision))
     if job_bytes is not None:
-        body += b"\x1a" + _varint(len(job_bytes)) + job_bytes
+        head += (b"\x1a", _varint(len(job_bytes)))
+    tail = b""
     if time_ns:
         ts = _timestamp(time_ns)
-        body += b"\x22" + _varint(len(ts)) + ts
-    return b"\x0a" + _varint(len(body)) + bytes(body)
+        tail = b"\x22" + _varint(len(ts)) + ts
+    length = sum(map(len, head)) + (len(job_bytes) if job_bytes is not None else 0) + len(tail)
+    # One join: the job's bytes (up to the size limit) are copied once, not once per field added.
+    return b"".join((b"\x0a", _varint(length), *head, job_bytes or b"", tail))
 
 
 def encode_response(frames: Iterable[bytes], revision: int) -> bytes:
@@ -101,10 +105,23 @@ def node_tuple(job: pb.JobState) -> tuple[str, ...]:
     return tuple(sys.intern(n) for n in nodes)
 
 
-class Change:
-    """One committed change as the hub keeps it: serialized once, plus what filters need."""
+# What the hub charges a change beyond its bytes (the Change, its slot in the ring, the bytes objects' headers),
+# and each further part of a split one (its bytes header, and its slots in the parts and keys tuples), measured
+# with tracemalloc on CPython 3.11 and rounded up.
+CHANGE_OVERHEAD = 200
+PART_OVERHEAD = 80
 
-    __slots__ = ("frame", "job_id", "nodes", "revision")
+
+class Change:
+    """One committed change as the hub keeps it: serialized once, plus what filters need.
+
+    ``frame`` is the serialized ``WatchEvent`` entry. A large one is kept in ``parts`` instead (see
+    ``split_frame``), some of them shared with the job's change before it; ``cost`` is what the hub's byte budget
+    charges for it (the bytes it alone holds, plus overhead). A change the hub has evicted holds no bytes at all,
+    so a watcher's queue that still names it pins nothing.
+    """
+
+    __slots__ = ("_frame", "cost", "job_id", "nodes", "parts", "revision")
 
     def __init__(
         self,
@@ -122,18 +139,150 @@ class Change:
         self.job_id = job_id if job_id is not None else job.job_id
         self.nodes = node_tuple(job)
         data = job_bytes if job_bytes is not None else job.SerializeToString()
-        self.frame = encode_event(event_type, revision, data, time_ns)
+        self._frame = encode_event(event_type, revision, data, time_ns)
+        self.parts: _Parts | None = None
+        self.cost = 0
 
     @classmethod
     def restored(cls, revision: int, job_id: str, nodes: tuple[str, ...], frame: bytes) -> Change:
         """A change read back from disk, already serialized (a persistent engine stores ``frame``)."""
         c = cls.__new__(cls)
-        c.revision, c.job_id, c.nodes, c.frame = revision, job_id, nodes, frame
+        c.revision, c.job_id, c.nodes, c._frame, c.parts, c.cost = revision, job_id, nodes, frame, None, 0
         return c
 
+    @property
+    def frame(self) -> bytes:
+        """The serialized event (joined from its parts when split; empty once evicted)."""
+        return self._frame if self.parts is None else b"".join(self.parts.parts)
 
-# The mark of a revision that holds no change (see ``WatchHub.skip_to``): an empty frame matches no watcher.
+    @property
+    def size(self) -> int:
+        """The event's length on the wire."""
+        return len(self._frame) if self.parts is None else self.parts.size
+
+    def append_to(self, frames: list[bytes]) -> int:
+        """Adds the event's bytes to a response being built; returns how many."""
+        if self.parts is None:
+            frames.append(self._frame)
+            return len(self._frame)
+        frames.extend(self.parts.parts)
+        return self.parts.size
+
+
+class _Parts:
+    """A large event in pieces: ``keys[i]`` names where ``parts[i]`` sits in the job (None: the small fields
+    between the large ones), so the next change of the job can reuse each piece it did not change."""
+
+    __slots__ = ("keys", "parts", "size")
+
+    def __init__(self, parts: tuple[bytes, ...], keys: tuple[int | None, ...]) -> None:
+        self.parts = parts
+        self.keys = keys
+        self.size = sum(map(len, parts))
+
+
+# The mark of a revision that holds no change (see ``WatchHub.skip_to``): it matches no watcher.
 GAP = Change.restored(0, "", (), b"")
+
+
+# --- sharing what a change did not change ----------------------------------------------------------------
+# A job may be up to 2 MiB, mostly run output; a status update changes a few bytes of it. Kept whole, each
+# change would hold a full copy of the job, and 1,000 status updates would hold 2 GB. A large event is
+# therefore cut at the job's large fields (each execution's, or within a large execution its run output,
+# results and status), and a piece equal to the one at the same place in the job's previous change is that
+# same bytes object: the history holds what changed, plus what each change's small fields take. The wire bytes
+# are unchanged: the pieces, joined, are exactly the event.
+
+# Events shorter than this are kept whole (most are: a job with a few plain executions is about 300 bytes).
+SPLIT_MIN = 16 * 1024
+# A field at least this long is a piece of its own; an execution at least NEST_MIN long is cut at its fields.
+_PIECE_MIN = 1024
+_NEST_MIN = 8 * 1024
+_LEN = 2  # the length-delimited wire type
+_EVENT_JOB = 3  # WatchEvent.job
+_JOB_EXECUTIONS = 4  # JobState.executions
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, start of the field, start of its value, end) of each field in ``buf[start:end]``; the
+    value bounds are meaningful for length-delimited fields only."""
+    i = start
+    while i < end:
+        key, j = _read_varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == _LEN:
+            length, v = _read_varint(buf, j)
+            yield number, i, v, v + length
+            i = v + length
+        else:
+            if wire == 0:
+                _, j = _read_varint(buf, j)
+            elif wire == 1:
+                j += 8
+            elif wire == 5:
+                j += 4
+            else:
+                raise ValueError(f"wire type {wire} in a job: not written by this server")
+            yield number, i, j, j
+            i = j
+
+
+def split_frame(frame: bytes, previous: _Parts | None = None) -> tuple[_Parts, int]:
+    """``frame`` cut at the job's large fields (see above), reusing ``previous``'s pieces where equal; and how
+    many bytes were reused."""
+    reuse: dict[int, bytes] = {}
+    if previous is not None:
+        reuse = {k: p for k, p in zip(previous.keys, previous.parts, strict=True) if k is not None}
+    cuts: list[tuple[int, int, int]] = []  # (start, end, key) of each large piece, in order
+    _, body = _read_varint(frame, 1)
+    for number, _, v, end in _fields(frame, body, len(frame)):
+        if number != _EVENT_JOB:
+            continue
+        ordinal = 0
+        for num, s, fv, fe in _fields(frame, v, end):
+            if num != _JOB_EXECUTIONS:
+                if fe - fv >= _PIECE_MIN:
+                    cuts.append((s, fe, -num))
+                continue
+            ordinal += 1
+            if fe - fv >= _NEST_MIN:
+                for inner, es, ev, ee in _fields(frame, fv, fe):
+                    if ee - ev >= _PIECE_MIN:
+                        cuts.append((es, ee, ordinal * 64 + inner))
+            elif fe - fv >= _PIECE_MIN:
+                cuts.append((s, fe, ordinal * 64))
+    parts: list[bytes] = []
+    keys: list[int | None] = []
+    reused = 0
+    at = 0
+    for s, e, key in cuts:
+        if s > at:
+            parts.append(frame[at:s])
+            keys.append(None)
+        old = reuse.get(key)
+        # startswith compares in place: an unchanged piece is never copied.
+        if old is not None and len(old) == e - s and frame.startswith(old, s):
+            parts.append(old)
+            reused += len(old)
+        else:
+            parts.append(frame[s:e])
+        keys.append(key)
+        at = e
+    if at < len(frame):
+        parts.append(frame[at:])
+        keys.append(None)
+    return _Parts(tuple(parts), tuple(keys)), reused
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +380,7 @@ class WatchHub:
         self,
         history_size: int = 100_000,
         *,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
         max_batch_bytes: int = 1 << 20,
         max_pending: int = 1024,
         max_watchers: int = 0,
@@ -239,10 +389,17 @@ class WatchHub:
     ) -> None:
         if history_size < 1:
             raise ValueError("history_size must be at least 1")
+        if history_bytes < 0:
+            raise ValueError("history_bytes must not be negative")
         self._cap = history_size
         self._ring: list[Change | None] = [None] * history_size
         self._head = 0
         self._oldest = 1
+        # The bytes the held changes take (their ``cost``), and the most they may take (0: no bound but the count).
+        self._bytes = 0
+        self._budget = history_bytes
+        # Each job's latest held change that was split, whose pieces the job's next change may share.
+        self._last: dict[str, Change] = {}
         self._max_batch_bytes = max_batch_bytes
         self._max_pending = max_pending
         self._max_watchers = max_watchers
@@ -283,6 +440,16 @@ class WatchHub:
         return self._head - self._oldest + 1
 
     @property
+    def bytes_held(self) -> int:
+        """What the held changes take, by the hub's account (their bytes plus a fixed overhead each)."""
+        return self._bytes
+
+    @property
+    def history_bytes(self) -> int:
+        """The most the held changes may take (0: bounded by count only)."""
+        return self._budget
+
+    @property
     def watcher_count(self) -> int:
         return len(self._watchers)
 
@@ -293,33 +460,39 @@ class WatchHub:
 
     def reset(self, head_revision: int) -> None:
         """Starts the hub at ``head_revision`` with nothing held (an engine reopened after a restart)."""
+        self._forget()
         self._head = head_revision
         self._oldest = head_revision + 1
+
+    def _forget(self) -> None:
+        self._ring = [None] * self._cap
+        self._bytes = 0
+        self._last.clear()
 
     def restore(self, head_revision: int, changes: Iterable[Change]) -> None:
         """Starts the hub at ``head_revision`` holding ``changes``, read back from disk by an engine reopened
         after a restart, so watchers resume by revision across it.
 
         The changes must be consecutive and end at ``head_revision`` (the ring's invariant); the last
-        ``history_size`` are kept. Only before the hub is in use: no watcher, nothing published.
+        ``history_size`` are kept, within ``history_bytes``. Only before the hub is in use: no watcher, nothing
+        published.
         """
         if self._watchers or self.stats.published:
             raise ValueError("restore is only for a hub not yet in use")
-        ring: list[Change | None] = [None] * self._cap
-        first = 0
+        self._forget()
         expected = 0
         for c in changes:
             revision = c.revision
             if expected and revision != expected:
                 raise ValueError(f"revision {revision} restored after {expected - 1}: revisions must be consecutive")
-            first = first or revision
-            ring[revision % self._cap] = c
+            if not expected:
+                self._head, self._oldest = revision - 1, revision
+            self._append(c)
             expected = revision + 1
         if expected and expected != head_revision + 1:
             raise ValueError(f"restored events end at {expected - 1}, not at the head revision {head_revision}")
-        self._ring = ring
-        self._head = head_revision
-        self._oldest = max(first, head_revision - self._cap + 1) if first else head_revision + 1
+        if not expected:
+            self._head, self._oldest = head_revision, head_revision + 1
 
     def fail_all(self, error: Callable[[], Exception]) -> None:
         """Ends every watch stream open now with ``error()`` (an engine that lost its source of changes: its
@@ -336,7 +509,7 @@ class WatchHub:
         (its source was compacted while it was away). Every open stream ends with ``error()`` first, so none
         skips a change silently."""
         self.fail_all(error)
-        self._ring = [None] * self._cap
+        self._forget()
         self._head = head_revision
         self._oldest = head_revision + 1
 
@@ -358,13 +531,14 @@ class WatchHub:
         if revision <= head:
             return
         cap = self._cap
+        oldest = self._oldest
+        self._evict_through(revision - cap)
         first = max(head + 1, revision - cap + 1)
         ring = self._ring
         for r in range(first, revision + 1):
             ring[r % cap] = GAP
         self._head = revision
-        if revision - self._oldest >= cap:
-            self._oldest = revision - cap + 1
+        if self._oldest != oldest:
             # Watchers that had read everything up to the old head missed nothing in the gap: move them past it
             # rather than report them lagged when the ring moves on.
             for w in self._watchers:
@@ -376,10 +550,7 @@ class WatchHub:
         revision = c.revision
         if revision != self._head + 1:
             raise ValueError(f"revision {revision} published after {self._head}: revisions must be consecutive")
-        self._ring[revision % self._cap] = c
-        self._head = revision
-        if revision - self._oldest >= self._cap:
-            self._oldest = revision - self._cap + 1
+        self._append(c)
         self.stats.published += 1
         targets = self._by_job.get(c.job_id)
         if targets:
@@ -392,6 +563,51 @@ class WatchHub:
                     self._push(w, c)
         if self._unfiltered and self._wake_handle is None:
             self._schedule_wake()
+
+    def _append(self, c: Change) -> None:
+        """Holds ``c`` as the newest change, then lets go of the oldest until both bounds hold again: at most
+        ``history_size`` changes, taking at most ``history_bytes`` (the newest change is always held)."""
+        revision = c.revision
+        self._evict_through(revision - self._cap)
+        cost = CHANGE_OVERHEAD
+        if c.parts is None and len(c._frame) >= SPLIT_MIN:
+            previous = self._last.get(c.job_id)
+            parts, reused = split_frame(c._frame, previous.parts if previous is not None else None)
+            c.parts, c._frame = parts, b""
+            if previous is not None and reused:
+                # The pieces both hold are charged to the newer: the older goes first and leaves them alive.
+                previous.cost -= reused
+                self._bytes -= reused
+            self._last[c.job_id] = c
+            cost += parts.size + PART_OVERHEAD * len(parts.parts)
+        else:
+            self._last.pop(c.job_id, None)
+            cost += len(c._frame)
+        c.cost = cost
+        self._ring[revision % self._cap] = c
+        self._head = revision
+        self._bytes += cost
+        if self._budget:
+            while self._bytes > self._budget and self._oldest < revision:
+                self._evict_through(self._oldest)
+
+    def _evict_through(self, revision: int) -> None:
+        """Lets go of every held change up to ``revision``; the oldest held is then the one after it."""
+        if revision < self._oldest:
+            return
+        ring, cap = self._ring, self._cap
+        for r in range(self._oldest, min(revision, self._head) + 1):
+            c = ring[r % cap]
+            ring[r % cap] = None
+            if c is None or c is GAP:
+                continue
+            self._bytes -= c.cost
+            if self._last.get(c.job_id) is c:
+                del self._last[c.job_id]
+            # A filtered watcher's queue may still name it: its bytes go now all the same, and that watcher is
+            # told it lagged when it reads on (``_collect``), as a ring reader would be.
+            c._frame, c.parts, c.cost = b"", None, 0
+        self._oldest = revision + 1
 
     def _schedule_wake(self) -> None:
         """Wakes every unfiltered watcher at once, at most once per linger interval.
@@ -563,9 +779,15 @@ class WatchHub:
         """The frames waiting for ``w`` (within the batch bound), the revision they cover, and whether more wait."""
         if w.unfiltered or w.overflow:
             return self._collect_ring(w)
+        pending = w.pending
+        if pending and pending[0].revision < self._oldest:
+            # Its queue names changes the ring no longer holds (and whose bytes are gone): read the ring from the
+            # cursor, which reports the lag, or resumes if everything missed was before the cursor anyway.
+            w.overflow = True
+            pending.clear()
+            return self._collect_ring(w)
         frames: list[bytes] = []
         size = 0
-        pending = w.pending
         last = 0
         taken = 0
         waiting = len(pending)
@@ -574,8 +796,7 @@ class WatchHub:
             taken += 1
             if c.revision < w.cursor:
                 continue
-            frames.append(c.frame)
-            size += len(c.frame)
+            size += c.append_to(frames)
             last = c.revision
         del pending[:taken]
         if pending:
@@ -605,9 +826,8 @@ class WatchHub:
         while rev <= stop and size < limit:
             c = ring[rev % cap]
             assert c is not None
-            if c.frame and (unfiltered or w.matches(c)):
-                frames.append(c.frame)
-                size += len(c.frame)
+            if c is not GAP and (unfiltered or w.matches(c)):
+                size += c.append_to(frames)
             rev += 1
         w.cursor = rev
         if rev > head:

@@ -25,6 +25,7 @@ from grpc_health.v1._async import HealthServicer  # health.aio, spelled so type 
 from grpc_reflection.v1alpha import reflection
 
 from jobstate.server import engines, rules
+from jobstate.server.hub import DEFAULT_HISTORY_BYTES
 from jobstate.server.metrics import Metrics, Observers
 from jobstate.server.security import SecurityConfig, SecurityInterceptor, ServerTls, client_share
 from jobstate.server.service import SERVICE_NAME, JobStateService, Observer
@@ -41,6 +42,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     history_size: int = 100_000
+    # What the change history may take in memory, in bytes (0: bounded by history_size only).
+    history_bytes: int = DEFAULT_HISTORY_BYTES
     max_watchers: int = 10_000
     grace: float = 5.0
     max_message_bytes: int = 8 * 1024 * 1024
@@ -208,6 +211,10 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     """
     tls = check_transport(config)
     config = with_client_shares(config)
+    # A page must fit in a message: with a smaller --max-message-bytes, pages end sooner.
+    page_bytes = min(config.limits.max_page_bytes, max(64 * 1024, config.max_message_bytes - 64 * 1024))
+    if page_bytes != config.limits.max_page_bytes:
+        config = replace(config, limits=replace(config.limits, max_page_bytes=page_bytes))
     security_config = SecurityConfig(
         auth_tokens_file=config.auth_tokens_file,
         mtls=config.tls_client_ca is not None,
@@ -368,6 +375,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
             "address": app.target,
             **where(config),
             "history_size": config.history_size,
+            "history_bytes": config.history_bytes,
             "max_watchers": config.max_watchers,
             "tls": "mtls" if config.tls_client_ca else ("on" if config.tls_cert else "off"),
             "auth": "tokens" if config.auth_tokens_file else "off",

@@ -101,6 +101,16 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_history_capacity_changes", "The most changes history holds.", value=s.history_size
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_history_held_bytes",
+            "Memory the changes held for watchers take (their bytes, and a fixed overhead each).",
+            value=s.history_bytes_held,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_history_capacity_bytes",
+            "The most memory the held changes may take (0: bounded by count only).",
+            value=s.history_bytes,
+        )
         yield GaugeMetricFamily(f"{PREFIX}_watchers", "Live watch streams.", value=s.watchers)
         lags = s.watcher_lags
         yield GaugeMetricFamily(

@@ -59,6 +59,10 @@ class Limits:
     max_page_size: int = 1000
     max_timeout_seconds: int = 366 * 24 * 3600
     max_job_bytes: int = 2 * 1024 * 1024
+    # A ListJobs or GetJobHistory page ends before its items pass this many bytes (it always holds at least
+    # one): under the 4 MiB a stock gRPC client accepts, so every page reaches every client whatever the jobs'
+    # sizes. The server lowers it to fit --max-message-bytes.
+    max_page_bytes: int = 4 * 1024 * 1024 - 64 * 1024
 
 
 DEFAULT_LIMITS = Limits()

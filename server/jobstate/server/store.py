@@ -68,6 +68,9 @@ class StoreStats:
     history_size: int
     watchers: int
     watcher_lags: list[int] = field(default_factory=list)
+    # What the held history takes in memory by the hub's account, and its budget (0: none).
+    history_bytes_held: int = 0
+    history_bytes: int = 0
 
 
 class Store(abc.ABC):
@@ -231,6 +234,25 @@ def validate_update_execution(
         rules.validate_execution_condition(condition)
     rules.validate_text(comment, "comment", limits.max_comment_bytes)
     return paths
+
+
+class PageBytes:
+    """Ends a page before its items pass ``Limits.max_page_bytes``; the first item always fits, so every page
+    makes progress (one job is at most ``max_job_bytes``, well under the message limit)."""
+
+    __slots__ = ("budget", "used")
+
+    def __init__(self, limits: rules.Limits) -> None:
+        self.budget = limits.max_page_bytes
+        self.used = 0
+
+    def fits(self, item_bytes: int) -> bool:
+        # Each item is framed in the response by a tag and its length (at most 4 bytes for 2 MiB).
+        cost = item_bytes + 5
+        if self.used and self.used + cost > self.budget:
+            return False
+        self.used += cost
+        return True
 
 
 def validate_list_jobs(states: Sequence[int], node_id: str, page_size: int, limits: rules.Limits) -> int:
@@ -473,7 +495,7 @@ class MemoryStore(Store):
         validate_update_job_state(new_state, condition, comment, self.limits)
         rec = self._record(job_id)
         now = self._clock.now()
-        change = changes.change_job_state(rec.job, new_state, condition, comment, now)
+        change = changes.change_job_state(rec.job, new_state, condition, comment, now, self.limits)
         return self._commit(rec, change, UPDATED, now)
 
     async def create_execution(self, job_id: str, execution: pb.ExecutionState, comment: str = "") -> WriteResult:
@@ -582,11 +604,13 @@ class MemoryStore(Store):
         jobs: list[pb.JobState] = []
         last: Key | None = None
         full = False
+        page_bytes = PageBytes(self.limits)
         for key in found:
             rec = self._jobs.get(key[1])
             if rec is None or rec.create_ns != key[0] or not _matches(rec, wanted, node_id):
                 continue
-            if len(jobs) == size:
+            # A page ends at page_size jobs or when the next would pass the page's byte budget.
+            if len(jobs) == size or not page_bytes.fits(len(rec.data)):
                 full = True
                 break
             jobs.append(rec.job)
@@ -652,7 +676,10 @@ class MemoryStore(Store):
             (start,) = decode_token(page_token, (int,))  # type: ignore[assignment]
             if start < 0:
                 raise InvalidArgument("page_token is not a token this server issued", field="page_token")
-        end = start + size
+        page_bytes = PageBytes(self.limits)
+        end = start
+        while end < min(start + size, len(rec.history)) and page_bytes.fits(len(rec.history[end])):
+            end += 1
         entries = [pb.JobHistoryEntry.FromString(e) for e in rec.history[start:end]]
         return HistoryPage(entries, encode_token(end) if end < len(rec.history) else "")
 
@@ -687,6 +714,8 @@ class MemoryStore(Store):
             history_size=self.hub.history_size,
             watchers=self.hub.watcher_count,
             watcher_lags=self.hub.lags(),
+            history_bytes_held=self.hub.bytes_held,
+            history_bytes=self.hub.history_bytes,
         )
 
     async def close(self) -> None:
