@@ -72,8 +72,9 @@ def _timestamp(ns: int) -> bytes:
     return out
 
 
-def encode_event(event_type: int, revision: int, job_bytes: bytes | None, time_ns: int) -> bytes:
-    """The serialized ``WatchEvent``, framed as one entry of ``WatchResponse.events``."""
+def encode_event(event_type: int, revision: int, job_bytes: bytes | None, time_ns: int, cause: int = 0) -> bytes:
+    """The serialized ``WatchEvent``, framed as one entry of ``WatchResponse.events`` (``cause``: the
+    ``DeleteCause`` of a DELETED event)."""
     body = bytearray(b"\x08")
     body += _varint(event_type)
     if revision:
@@ -83,6 +84,8 @@ def encode_event(event_type: int, revision: int, job_bytes: bytes | None, time_n
     if time_ns:
         ts = _timestamp(time_ns)
         body += b"\x22" + _varint(len(ts)) + ts
+    if cause:
+        body += b"\x28" + _varint(cause)
     return b"\x0a" + _varint(len(body)) + bytes(body)
 
 
@@ -114,6 +117,7 @@ class Change:
         time_ns: int,
         job_bytes: bytes | None = None,
         job_id: str | None = None,
+        cause: int = 0,
     ) -> None:
         # The ring holds history_size of these, so each is kept small: the job id is the store's own string,
         # node ids are interned (a cluster has few nodes, reused by every change), and the job is kept only
@@ -122,7 +126,7 @@ class Change:
         self.job_id = job_id if job_id is not None else job.job_id
         self.nodes = node_tuple(job)
         data = job_bytes if job_bytes is not None else job.SerializeToString()
-        self.frame = encode_event(event_type, revision, data, time_ns)
+        self.frame = encode_event(event_type, revision, data, time_ns, cause)
 
     @classmethod
     def restored(cls, revision: int, job_id: str, nodes: tuple[str, ...], frame: bytes) -> Change:

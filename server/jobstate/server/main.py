@@ -34,6 +34,14 @@ log = logging.getLogger("jobstate.server")
 
 # How often the timeout sweeper looks at the earliest deadline; a job times out at most this late.
 SWEEP_INTERVAL = 0.1
+# Retention: the sweeper looks at the job final longest at least this often, and removes jobs in batches of
+# RETENTION_BATCH (one SQLite transaction each, about a millisecond of the loop in memory), giving the loop
+# back between batches so that writers and watchers wait for one batch at most.
+RETENTION_INTERVAL = 1.0
+RETENTION_BATCH = 32
+RETENTION_MIN_DELAY = 0.01
+# SQLite gives the space of removed jobs back at most this often.
+MAINTAIN_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,9 @@ class ServerConfig:
     write_rate_per_client: float = 0.0  # writes a second per client; 0: unlimited
     write_burst_per_client: int = 0  # 0: one second's worth
     max_watchers_per_client: int = 0  # 0: unlimited
+    # Seconds a job stays after reaching a final state before it is removed (DELETED, cause RETENTION);
+    # 0: finished jobs are kept until a client deletes them.
+    retain_finished: float = 24 * 3600.0
 
 
 @dataclass
@@ -81,6 +92,7 @@ class App:
     service: JobStateService | None = None
     tls: ServerTls | None = None
     _sweeper: asyncio.Task[None] | None = None
+    _retention: asyncio.Task[None] | None = None
 
     def reload(self) -> None:
         """SIGHUP: the tokens file and the TLS files are read again; each keeps its previous version if the new
@@ -109,6 +121,10 @@ class App:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(sweep_timeouts(self.store), name="timeout-sweeper")
+        if self.config.retain_finished > 0:
+            self._retention = asyncio.create_task(
+                sweep_retention(self.store, self.config.retain_finished, self.metrics), name="retention-sweeper"
+            )
 
     async def stop(self, grace: float | None = None) -> None:
         """Health turns NOT_SERVING, watch streams end and new calls are refused with UNAVAILABLE /
@@ -116,10 +132,11 @@ class App:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.config.grace if grace is None else grace)
         await self.health.enter_graceful_shutdown()
-        if self._sweeper is not None:  # first, so no sweep runs into a closed store
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for sweeper in (self._sweeper, self._retention):  # first, so no sweep runs into a closed store
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
         if self.service is not None:
             self.service.begin_shutdown()
         # Watch streams end with SHUTTING_DOWN; a persistent engine refuses later writes the same way.
@@ -173,6 +190,49 @@ async def sweep_timeouts(store: Store) -> None:
             log.info("timeout sweep", extra={"expired": expired})
 
 
+async def sweep_retention(store: Store, retain_seconds: float, metrics: Metrics | None = None) -> None:
+    """Removes jobs that have been final for longer than ``retain_seconds``, oldest first, in short batches.
+
+    Safe on several servers sharing one etcd: each removal is guarded there, so each job is removed once."""
+    retain_ns = int(retain_seconds * 1e9)
+    maintained = time.monotonic()
+    pending_maintenance = False
+    while True:
+        due = store.next_finished_ns()
+        delay = RETENTION_INTERVAL
+        if due is not None:
+            delay = min(delay, max(RETENTION_MIN_DELAY, (due + retain_ns - time.time_ns()) / 1e9))
+        await asyncio.sleep(delay)
+        started = time.perf_counter()
+        removed = 0
+        failed = False
+        try:
+            while True:
+                n = await store.remove_finished(time.time_ns() - retain_ns, RETENTION_BATCH)
+                removed += n
+                if n < RETENTION_BATCH:
+                    break
+                await asyncio.sleep(0)  # writers and watchers run between batches
+        except Exception:  # the sweeper must outlive one bad sweep; the next one retries
+            log.exception("retention sweep failed")
+            failed = True
+        seconds = time.perf_counter() - started
+        if metrics is not None:
+            metrics.observe_retention(removed, seconds)
+        if removed:
+            pending_maintenance = True
+            log.info(
+                "retention sweep",
+                extra={"removed": removed, "seconds": round(seconds, 4), "jobs": store.stats().jobs},
+            )
+        if pending_maintenance and time.monotonic() - maintained >= MAINTAIN_INTERVAL:
+            pending_maintenance = False
+            maintained = time.monotonic()
+            await store.maintain()
+        if failed:
+            await asyncio.sleep(RETENTION_INTERVAL)  # a store that is down is not asked again at once
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -189,6 +249,7 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     non-loopback address without ``insecure``, half a TLS key pair, a client CA without TLS).
     """
     tls = check_transport(config)
+    check_retention(config)
     security_config = SecurityConfig(
         auth_tokens_file=config.auth_tokens_file,
         mtls=config.tls_client_ca is not None,
@@ -240,6 +301,15 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     except RuntimeError as exc:  # grpc reports a failed bind this way; say it as the OS would
         raise OSError(f"cannot listen on {address}: address in use or not available") from exc
     return App(replace(config, port=port), server, port, store, health_servicer, metrics, security, service, tls)
+
+
+def check_retention(config: ServerConfig) -> None:
+    if not config.retain_finished >= 0 or config.retain_finished == float("inf"):
+        raise ValueError(
+            f"retain_finished must be 0 (keep forever) or a positive duration, not {config.retain_finished}"
+        )
+    if config.limits.max_history_per_job < 0:
+        raise ValueError(f"max_history_per_job must be 0 (no limit) or more, not {config.limits.max_history_per_job}")
 
 
 def check_transport(config: ServerConfig) -> ServerTls | None:
@@ -308,6 +378,8 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
             "max_watchers": config.max_watchers,
             "tls": "mtls" if config.tls_client_ca else ("on" if config.tls_cert else "off"),
             "auth": "tokens" if config.auth_tokens_file else "off",
+            "retain_finished": config.retain_finished or "forever",
+            "max_history_per_job": config.limits.max_history_per_job or "unlimited",
             **({"metrics_port": app.metrics_port} if app.metrics_port is not None else {}),
         },
     )

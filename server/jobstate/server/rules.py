@@ -57,6 +57,8 @@ class Limits:
     max_page_size: int = 1000
     max_timeout_seconds: int = 366 * 24 * 3600
     max_job_bytes: int = 2 * 1024 * 1024
+    # History entries kept per job: a job's older changes are dropped beyond it (0: keep every change).
+    max_history_per_job: int = 1000
 
 
 DEFAULT_LIMITS = Limits()
