@@ -195,13 +195,16 @@ async def sweep_retention(store: Store, retain_seconds: float, metrics: Metrics 
 
     Safe on several servers sharing one etcd: each removal is guarded there, so each job is removed once."""
     retain_ns = int(retain_seconds * 1e9)
+    # Sweeps are at least this far apart, so that jobs finishing one after another are removed together (one
+    # sweep, one log line a second at most) rather than each by a sweep of its own.
+    gap = max(RETENTION_MIN_DELAY, min(RETENTION_INTERVAL, retain_seconds / 4))
     maintained = time.monotonic()
     pending_maintenance = False
     while True:
         due = store.next_finished_ns()
         delay = RETENTION_INTERVAL
         if due is not None:
-            delay = min(delay, max(RETENTION_MIN_DELAY, (due + retain_ns - time.time_ns()) / 1e9))
+            delay = min(delay, max(gap, (due + retain_ns - time.time_ns()) / 1e9))
         await asyncio.sleep(delay)
         started = time.perf_counter()
         removed = 0

@@ -6,11 +6,16 @@ reaches a watcher or is acknowledged: if the transaction fails, nothing changed 
 
 Tables:
 - ``jobs``: one row per live job (its serialized ``JobState`` and what the indexes need);
-- ``history``: every history entry of every live job (deleted with the job, in the same transaction);
+- ``history``: the last ``max_history_per_job`` history entries of every live job (older ones deleted by the
+  transaction that adds a new one; all of them with the job, in the same transaction);
 - ``events``: the last ``history_size`` changes as watchers receive them (the hub's serialized ``WatchEvent``
   frame, with the job id and node ids its filters need), so after a restart a watcher resumes by revision with
   nothing lost, and reopening does not parse or re-encode them;
 - ``meta``: the head revision (and the schema version).
+
+A job's retention clock (``--retain-finished``) is its ``update_time``, inside the stored ``JobState``: a final
+job never changes again, so that is when it became final, and a restart reads it back with the job. Removed
+jobs' pages are returned to the file system by ``maintain`` (``auto_vacuum=INCREMENTAL``).
 
 Durability: WAL mode with ``synchronous=FULL``: each commit fsyncs the WAL, so an acknowledged change survives
 a power loss or an OS crash, not only a crash of this process (``NORMAL`` would survive ``kill -9`` but could
