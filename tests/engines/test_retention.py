@@ -17,8 +17,10 @@ from cli.cliutil import run as run_cli
 from google.protobuf import field_mask_pb2
 
 from jobstate.client import Client, Informer
+from jobstate.server.hub import encode_event
 from jobstate.server.rules import Limits
 from jobstate.server.sqlite_store import SqliteStore
+from jobstate.server.store import MemoryStore
 from jobstate.v1 import job_state_pb2 as pb
 from jobstate.v1 import job_state_service_pb2 as spb
 from jobstate.v1 import job_state_service_pb2_grpc as spb_grpc
@@ -348,3 +350,37 @@ def test_sqlite_trims_history_when_the_cap_is_lowered(make_server: Callable[...,
     for stub in stub_of(third):
         got = stub.GetJobHistory(spb.GetJobHistoryRequest(job_id="j"))
         assert ([e.version for e in got.entries], got.dropped_entries) == ([6, 7, 8], 5)
+
+
+def test_a_deleted_event_frame_carries_its_cause() -> None:
+    job = pb.JobState(job_id="j", state=JS.JOB_STATE_TYPE_COMPLETED, version=3)
+    frame = encode_event(ET.WATCH_EVENT_TYPE_DELETED, 7, job.SerializeToString(), 1_500_000_000, RETENTION)
+    event = spb.WatchResponse.FromString(frame).events[0]
+    assert (event.type, event.revision, event.job, event.delete_cause) == (
+        ET.WATCH_EVENT_TYPE_DELETED,
+        7,
+        job,
+        RETENTION,
+    )
+    plain = spb.WatchResponse.FromString(encode_event(ET.WATCH_EVENT_TYPE_UPDATED, 8, b"", 0)).events[0]
+    assert plain.delete_cause == spb.DeleteCause.DELETE_CAUSE_UNSPECIFIED
+
+
+def test_removed_jobs_do_not_keep_their_timeouts_pending() -> None:
+    """A job removed long before its timeout would keep a heap entry until then (up to a year): the heap is
+    compacted once such entries are most of it."""
+    import asyncio
+
+    async def main() -> tuple[int, int | None]:
+        store = MemoryStore()
+        for i in range(3000):
+            await store.create_job(f"j{i}", timeout_ns=600 * 10**9)
+            await store.update_job_state(f"j{i}", JS.JOB_STATE_TYPE_COMPLETED)
+        await store.create_job("open", timeout_ns=3600 * 10**9)
+        while await store.remove_finished(time.time_ns(), 32):
+            pass
+        return len(store._timeouts), store.next_timeout_ns()
+
+    held, due = asyncio.run(main())
+    assert held < 1100  # at most the compaction threshold's worth is left before the next compaction
+    assert due is not None  # the open job's timeout is still there
