@@ -187,6 +187,13 @@ async def run_one(spec: Spec, workdir: Path, log: Path) -> Run:
             )
             if demo.done():
                 break
+            last = run.samples[-1]
+            if len(run.samples) % max(1, round(60 / spec.sample_every)) == 0:  # a progress line a minute
+                print(
+                    f"  [{spec.engine}, retention {spec.mode}] {last.t:4.0f}s  RSS {last.rss_mib:.1f} MiB  "
+                    f"{last.jobs} jobs held  {last.created} created",
+                    flush=True,
+                )
             next_at += spec.sample_every
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(demo), max(0.0, next_at - time.monotonic()))
