@@ -366,12 +366,13 @@ def test_a_deleted_event_frame_carries_its_cause() -> None:
     assert plain.delete_cause == spb.DeleteCause.DELETE_CAUSE_UNSPECIFIED
 
 
-def test_removed_jobs_do_not_keep_their_timeouts_pending() -> None:
-    """A job removed long before its timeout would keep a heap entry until then (up to a year): the heap is
-    compacted once such entries are most of it."""
+def test_removed_jobs_leave_no_heap_entries_behind() -> None:
+    """A job removed long before its timeout would keep its timeout entry until then (up to a year), and a
+    finished job deleted by a client its retention entry for ever when retention is off: both heaps are
+    compacted once such entries are half of them."""
     import asyncio
 
-    async def main() -> tuple[int, int | None]:
+    async def main() -> tuple[int, int | None, int]:
         store = MemoryStore()
         for i in range(3000):
             await store.create_job(f"j{i}", timeout_ns=600 * 10**9)
@@ -379,8 +380,14 @@ def test_removed_jobs_do_not_keep_their_timeouts_pending() -> None:
         await store.create_job("open", timeout_ns=3600 * 10**9)
         while await store.remove_finished(time.time_ns(), 32):
             pass
-        return len(store._timeouts), store.next_timeout_ns()
+        timeouts = len(store._timeouts)
+        for i in range(3000):  # retention off: only clients delete
+            await store.create_job(f"k{i}")
+            await store.update_job_state(f"k{i}", JS.JOB_STATE_TYPE_COMPLETED)
+            await store.delete_job(f"k{i}")
+        return timeouts, store.next_timeout_ns(), len(store._finished)
 
-    held, due = asyncio.run(main())
-    assert held < 1100  # at most the compaction threshold's worth is left before the next compaction
+    timeouts, due, finished = asyncio.run(main())
+    assert timeouts < 1100  # at most the compaction threshold's worth is left before the next compaction
     assert due is not None  # the open job's timeout is still there
+    assert finished < 1100

@@ -272,6 +272,9 @@ class EtcdStore(Store):
         # Final jobs for retention: heap of (final_ns, job_id, mod_revision of the change that made it final).
         self._finished: list[tuple[int, str, int]] = []
         self._finished_keys: set[tuple[str, int]] = set()
+        # Entries of jobs deleted before retention took them (by clients, or with retention off, which never
+        # pops the heap): compacted away once they are half of it.
+        self._stale_finished = 0
 
     # -- keys ----------------------------------------------------------------------------------------------
 
@@ -365,6 +368,14 @@ class EtcdStore(Store):
         self._finished_keys.add(key)
         heapq.heappush(self._finished, (job.update_time.ToNanoseconds(), job.job_id, int(mod_revision)))
 
+    def _compact_finished(self) -> None:
+        if self._stale_finished < 1024 or self._stale_finished * 2 < len(self._finished):
+            return
+        self._finished = [t for t in self._finished if t[1] in self._states]
+        heapq.heapify(self._finished)
+        self._finished_keys = {(t[1], t[2]) for t in self._finished}
+        self._stale_finished = 0
+
     def _causes(self, events: Any) -> dict[int, int]:
         """The deletion causes put in these events' transactions, by revision."""
         out: dict[int, int] = {}
@@ -405,7 +416,9 @@ class EtcdStore(Store):
                         revision = int(ev.kv.mod_revision)
                         event = self._event(ev, causes.get(revision, 0))
                         if ev.type == _DELETE:
-                            self._states.pop(event.job_id, None)
+                            if rules.is_terminal_job(self._states.pop(event.job_id, 0)):
+                                self._stale_finished += 1
+                                self._compact_finished()
                         else:
                             self._states[event.job_id] = event.state
                             if ev.kv.create_revision == revision:  # only a new job can bring a new timeout
@@ -670,6 +683,7 @@ class EtcdStore(Store):
             _, job_id, mod_revision = item
             self._finished_keys.discard((job_id, mod_revision))
             if job_id not in self._states:
+                self._stale_finished = max(0, self._stale_finished - 1)
                 continue  # its deletion (by a client or another server's retention) has been seen already
             try:
                 # Guarded by the final change's revision: the job is deleted only as it was seen final, and by

@@ -329,8 +329,11 @@ class MemoryStore(Store):
         # A final job never changes again, so its update_time is when it became final, on disk and after a
         # restart alike.
         self._finished: list[tuple[int, str, int]] = []
-        # Timeout heap entries of jobs removed before their timeout: compacted away once they are half the heap.
+        # Heap entries of jobs removed before the entry fell due: compacted away once they are half their heap
+        # (a job deleted by a client would otherwise keep its timeout entry for up to a year, and its
+        # retention entry for ever when retention is off).
         self._stale_timeouts = 0
+        self._stale_finished = 0
         self._history_entries = 0
         self._revision = self.hub.head_revision
         self.store_id = f"mem-{uuid.uuid4().hex[:16]}"
@@ -450,6 +453,9 @@ class MemoryStore(Store):
         m = self._deletion(rec, job, self._revision + 1, self._clock.now(), spb.DELETE_CAUSE_CLIENT)
         self._persist(m)
         self._drop(rec, m)
+        if rules.is_terminal_job(rec.state):
+            self._stale_finished += 1
+        self._compact()
         return WriteResult(job, m.revision)
 
     def _deletion(self, rec: _Record, job: pb.JobState, revision: int, now_ns: int, cause: int) -> Mutation:
@@ -483,6 +489,7 @@ class MemoryStore(Store):
             _, job_id, create_ns = item
             rec = self._jobs.get(job_id)
             if rec is None or rec.create_ns != create_ns or not rules.is_terminal_job(rec.state):
+                self._stale_finished = max(0, self._stale_finished - 1)
                 continue  # deleted by a client (or deleted and created again under the same id)
             now = now or self._clock.now()
             revision += 1
@@ -497,25 +504,32 @@ class MemoryStore(Store):
             raise
         for rec, m in batch:
             self._drop(rec, m)
-        self._compact_timeouts()
+        self._compact()
         return len(batch)
 
     def next_finished_ns(self) -> int | None:
         return self._finished[0][0] if self._finished else None
 
-    def _compact_timeouts(self) -> None:
-        """Drops the timeout entries of removed jobs once they are most of the heap: a job removed long before
-        its timeout (up to a year) would otherwise keep its entry that long."""
-        if self._stale_timeouts < 1024 or self._stale_timeouts * 2 < len(self._timeouts):
-            return
+    def _compact(self) -> None:
+        """Drops the heap entries of removed jobs once they are half their heap: each heap then stays within
+        twice what it needs, at the cost of one pass over it per that many removals."""
+        if self._stale_timeouts >= 1024 and self._stale_timeouts * 2 >= len(self._timeouts):
+            self._timeouts = self._live(self._timeouts, open_only=True)
+            self._stale_timeouts = 0
+        if self._stale_finished >= 1024 and self._stale_finished * 2 >= len(self._finished):
+            self._finished = self._live(self._finished, open_only=False)
+            self._stale_finished = 0
+
+    def _live(self, heap: list[tuple[int, str, int]], *, open_only: bool) -> list[tuple[int, str, int]]:
         live = [
             t
-            for t in self._timeouts
-            if (r := self._jobs.get(t[1])) is not None and r.create_ns == t[2] and not rules.is_terminal_job(r.state)
+            for t in heap
+            if (r := self._jobs.get(t[1])) is not None
+            and r.create_ns == t[2]
+            and not (open_only and rules.is_terminal_job(r.state))
         ]
         heapq.heapify(live)
-        self._timeouts = live
-        self._stale_timeouts = 0
+        return live
 
     async def expire_due(self, now_ns: int | None = None) -> int:
         now = now_ns if now_ns is not None else time.time_ns()
