@@ -9,7 +9,7 @@ PORT ?= 50051
 PROTOS := $(wildcard protos/jobstate/v1/*.proto)
 export PYTHONPATH := $(CURDIR)/server:$(CURDIR)/client:$(CURDIR)/gen
 
-.PHONY: help venv proto proto-check lint test test-fast test-heavy run node-deps etcd-deps clean
+.PHONY: help venv proto proto-check lint test test-fast test-heavy run node-deps etcd-deps clean soak
 
 help:
 	@echo "make run    start the server on $(HOST):$(PORT) (HOST=, PORT= override)"
@@ -68,6 +68,15 @@ $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
 
 bench: $(VENV)/.bench-installed
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) -m bench $(if $(filter-out 0,$(QUICK)),--quick) $(BENCH_ARGS)
+
+# The soak of issue 9: the demo workload for SOAK_SECONDS (default 600) on each of SOAK_ENGINES, retention on
+# and off side by side; writes bench/results/soak.{md,png} and soak-<engine>.csv and prints the flat-memory
+# verdict (exit 1 when it fails). SOAK_ARGS: more options (python -m bench.soak --help).
+.PHONY: soak
+SOAK_SECONDS ?= 600
+SOAK_ENGINES ?= memory,sqlite
+soak: $(VENV)/.bench-installed
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) -m bench.soak --engines $(SOAK_ENGINES) --duration $(SOAK_SECONDS) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache build *.egg-info

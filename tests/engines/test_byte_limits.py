@@ -125,9 +125,10 @@ def test_list_pages_end_by_bytes_so_six_2_mib_jobs_list_everywhere(
 
 
 def test_history_pages_end_by_bytes(stub: spb_grpc.JobStateServiceStub) -> None:
-    # A thousand entries, each with a 4 KiB comment and two ids of 128 characters, pass 4 MiB together.
+    # A thousand entries (the default cap per job), each with a 4 KiB comment and two ids of 128 characters,
+    # pass 4 MiB together.
     stub.CreateJob(spb.CreateJobRequest(job_id="h"))
-    for i in range(1000):
+    for i in range(999):
         node, ref = f"node-{i:0123d}", f"exec-{i:0123d}"
         ex = pb.ExecutionState(node_id=node, compute_reference=ref, state=ES.EXECUTION_STATE_TYPE_FAILED)
         stub.CreateExecution(spb.CreateExecutionRequest(job_id="h", execution=ex, comment="x" * 4096))
@@ -142,5 +143,5 @@ def test_history_pages_end_by_bytes(stub: spb_grpc.JobStateServiceStub) -> None:
         token = page.next_page_token
         if not token:
             break
-    assert [e.version for e in entries] == list(range(1, 1002))
+    assert [e.version for e in entries] == list(range(1, 1001))
     assert pages >= 2

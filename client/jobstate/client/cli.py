@@ -295,7 +295,12 @@ def cmd_serve(ctx: Context) -> int:
         max_watchers_per_client=a.max_watchers_per_client,
         max_jobs_per_client=a.max_jobs_per_client,
         max_message_bytes=a.max_message_bytes,
-        limits=rules.Limits(max_jobs=a.max_jobs, max_executions_per_job=a.max_executions_per_job),
+        limits=rules.Limits(
+            max_jobs=a.max_jobs,
+            max_executions_per_job=a.max_executions_per_job,
+            max_history_per_job=a.max_history_per_job,
+        ),
+        retain_finished=a.retain_finished,
         keepalive_seconds=a.keepalive,
         keepalive_timeout_seconds=a.keepalive_timeout,
     )
@@ -478,7 +483,10 @@ def cmd_history(ctx: Context) -> int:
                     json.dumps(entry.comment) if entry.comment else "",
                 ]
             )
-        return "\n".join(table(rows))
+        lines = table(rows)
+        if r.dropped_entries:
+            lines.insert(0, f"{r.dropped_entries} earlier changes dropped (the server keeps the last ones only)")
+        return "\n".join(lines)
 
     return ctx.emit(r, text)
 
@@ -772,6 +780,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-jobs", type=non_negative_int, default=0, metavar="N", help="jobs held at once (0: unlimited)")
     g.add_argument(
         "--max-executions-per-job", type=positive_int, default=1000, metavar="N", help="executions in one job"
+    )
+    g.add_argument(
+        "--retain-finished",
+        type=duration,
+        default=24 * 3600.0,
+        metavar="DURATION",
+        help="remove a job this long after it reached a final state (watchers see DELETED, cause RETENTION); "
+        "0: keep finished jobs until deleted",
+    )
+    g.add_argument(
+        "--max-history-per-job",
+        type=non_negative_int,
+        default=1000,
+        metavar="N",
+        help="history entries kept per job; older ones are dropped (0: keep all)",
     )
     g.add_argument(
         "--keepalive", type=duration, default=30.0, metavar="DURATION", help="ping connections this often (seconds)"

@@ -410,6 +410,9 @@ class JobCache:
         self.seen_at[job_id] = event.revision
         self.revision = max(self.revision, event.revision)
         if event.type == spb.WATCH_EVENT_TYPE_DELETED:
+            # Nothing of a deleted job is kept (retention removes jobs all day long): later events of the same
+            # id come from a newer job, at higher revisions.
+            self.seen_at.pop(job_id, None)
             return self.jobs.pop(job_id, None) is not None
         self.jobs[job_id] = event.job
         return True

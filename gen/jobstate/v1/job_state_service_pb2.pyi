@@ -59,6 +59,30 @@ WATCH_EVENT_TYPE_BOOKMARK: WatchEventType.ValueType  # 5
 """No job: everything up to revision has been delivered."""
 Global___WatchEventType: _TypeAlias = WatchEventType  # noqa: Y015
 
+class _DeleteCause:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeleteCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeleteCause.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELETE_CAUSE_UNSPECIFIED: _DeleteCause.ValueType  # 0
+    """Not a deletion, or a server that does not say."""
+    DELETE_CAUSE_CLIENT: _DeleteCause.ValueType  # 1
+    """A client's DeleteJob."""
+    DELETE_CAUSE_RETENTION: _DeleteCause.ValueType  # 2
+    """The server's retention: the job had been in a final state for longer than --retain-finished."""
+
+class DeleteCause(_DeleteCause, metaclass=_DeleteCauseEnumTypeWrapper):
+    """Why a job was deleted (WatchEvent.delete_cause of a DELETED event)."""
+
+DELETE_CAUSE_UNSPECIFIED: DeleteCause.ValueType  # 0
+"""Not a deletion, or a server that does not say."""
+DELETE_CAUSE_CLIENT: DeleteCause.ValueType  # 1
+"""A client's DeleteJob."""
+DELETE_CAUSE_RETENTION: DeleteCause.ValueType  # 2
+"""The server's retention: the job had been in a final state for longer than --retain-finished."""
+Global___DeleteCause: _TypeAlias = DeleteCause  # noqa: Y015
+
 @_typing.final
 class JobCondition(_message.Message):
     """JobCondition guards UpdateJobState. A field left at its zero value checks nothing."""
@@ -612,8 +636,13 @@ class GetJobHistoryResponse(_message.Message):
 
     ENTRIES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    DROPPED_ENTRIES_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Pass as page_token to get the next page; empty on the last page."""
+    dropped_entries: _builtins.int
+    """How many of the job's earliest changes are no longer held (the server keeps the last
+    --max-history-per-job of each job): the first entry held is version dropped_entries + 1. 0: complete.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[_job_state_pb2.JobHistoryEntry]:
         """The page of changes, oldest first."""
@@ -623,10 +652,11 @@ class GetJobHistoryResponse(_message.Message):
         *,
         entries: _abc.Iterable[_job_state_pb2.JobHistoryEntry] | None = ...,
         next_page_token: _builtins.str = ...,
+        dropped_entries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_entries", b"dropped_entries", "entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -686,10 +716,13 @@ class WatchEvent(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    DELETE_CAUSE_FIELD_NUMBER: _builtins.int
     type: Global___WatchEventType.ValueType
     """What the event reports."""
     revision: _builtins.int
     """The store revision of the change (for INITIAL: of the job's last change; for BOOKMARK: delivered up to)."""
+    delete_cause: Global___DeleteCause.ValueType
+    """For DELETED: who deleted the job (a client, or the server's retention of finished jobs)."""
     @_builtins.property
     def job(self) -> _job_state_pb2.JobState:
         """The whole job after the change; for DELETED its last state; unset for BOOKMARK."""
@@ -705,10 +738,11 @@ class WatchEvent(_message.Message):
         revision: _builtins.int = ...,
         job: _job_state_pb2.JobState | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        delete_cause: Global___DeleteCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "revision", b"revision", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete_cause", b"delete_cause", "job", b"job", "revision", b"revision", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,7 +5,16 @@ Layout under the prefix ``P`` (``/jobstate`` by default):
 - ``P/jobs/<job_id>`` holds the serialized ``JobState``;
 - ``P/history/<job_id>/<version:020d>`` holds the job's ``JobHistoryEntry`` of that version. An entry is written
   in the same transaction as the job, before its revision is known, so its ``revision`` field is not stored:
-  it is the history key's ``create_revision``, which is the revision of that transaction.
+  it is the history key's ``create_revision``, which is the revision of that transaction. Entries older than
+  the last ``max_history_per_job`` are deleted by the transaction that writes a new one.
+- ``P/jobs/`` itself (no job id; job ids are never empty) says why the job deleted in the same transaction was
+  deleted: each deletion puts it (``1``: a client, ``2``: retention), so every server's watch of ``P/jobs/``
+  sees the cause at the deletion's revision. Reads of the jobs start after it.
+
+Retention: each server learns from its watch when each job became final (a final job never changes again, so
+its last ``update_time`` is that moment) and removes it once it has been final for ``--retain-finished``, in a
+transaction guarded by the job's ``mod_revision``. With several servers on one etcd each job is removed once:
+the others' guards fail (or their watch already saw the deletion and they skip it).
 
 Every change is one etcd transaction guarded by the job key's ``mod_revision`` and computed by the same pure
 functions as every engine (``changes``). When the guard fails, another server changed the job first: the
@@ -242,6 +251,9 @@ class EtcdStore(Store):
         self.target = channel_target(endpoints)
         base = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self._jobs_prefix = f"{base}/jobs/".encode()
+        # The deletion-cause key is the prefix itself; ranges of jobs start just after it.
+        self._cause_key = self._jobs_prefix
+        self._jobs_start = self._jobs_prefix + b"\x00"
         self._history_prefix = f"{base}/history/"
         self._max_watchers = max_watchers
         # How many recent revisions a watch may start from (like the hub's ring); 0: as far as etcd holds.
@@ -267,6 +279,12 @@ class EtcdStore(Store):
         self._states: dict[str, int] = {}
         self._timeouts: list[tuple[int, str, int]] = []  # heap of (timeout_ns, job_id, create_revision)
         self._timeout_keys: set[tuple[str, int]] = set()
+        # Final jobs for retention: heap of (final_ns, job_id, mod_revision of the change that made it final).
+        self._finished: list[tuple[int, str, int]] = []
+        self._finished_keys: set[tuple[str, int]] = set()
+        # Entries of jobs deleted before retention took them (by clients, or with retention off, which never
+        # pops the heap): compacted away once they are half of it.
+        self._stale_finished = 0
 
     # -- keys ----------------------------------------------------------------------------------------------
 
@@ -328,7 +346,7 @@ class EtcdStore(Store):
 
     async def _load(self) -> int:
         """Reads every job: the state counts and the timeouts. Returns the revision read at."""
-        resp = await self._range(self._jobs_prefix, _prefix_end(self._jobs_prefix))
+        resp = await self._range(self._jobs_start, _prefix_end(self._jobs_prefix))
         self._states = {}
         self._timeouts = []
         self._timeout_keys = set()
@@ -336,6 +354,7 @@ class EtcdStore(Store):
             job = pb.JobState.FromString(kv.value)
             self._states[job.job_id] = job.state
             self._track_timeout(job, kv.create_revision)
+            self._track_finished(job, kv.mod_revision)
         self._head = max(self._head, resp.header.revision)
         # etcd's cluster id changes when its data is lost; the prefix separates stores sharing one cluster.
         self.store_id = f"etcd-{resp.header.cluster_id:016x}{self._jobs_prefix.decode().removesuffix('/jobs/')}"
@@ -349,6 +368,32 @@ class EtcdStore(Store):
             return
         self._timeout_keys.add(key)
         heapq.heappush(self._timeouts, (job.timeout_at.ToNanoseconds(), job.job_id, create_revision))
+
+    def _track_finished(self, job: pb.JobState, mod_revision: int) -> None:
+        if not rules.is_terminal_job(job.state):
+            return
+        key = (job.job_id, int(mod_revision))
+        if key in self._finished_keys:
+            return
+        self._finished_keys.add(key)
+        heapq.heappush(self._finished, (job.update_time.ToNanoseconds(), job.job_id, int(mod_revision)))
+
+    def _compact_finished(self) -> None:
+        if self._stale_finished < 1024 or self._stale_finished * 2 < len(self._finished):
+            return
+        self._finished = [t for t in self._finished if t[1] in self._states]
+        heapq.heapify(self._finished)
+        self._finished_keys = {(t[1], t[2]) for t in self._finished}
+        self._stale_finished = 0
+
+    def _causes(self, events: Any) -> dict[int, int]:
+        """The deletion causes put in these events' transactions, by revision."""
+        out: dict[int, int] = {}
+        for ev in events:
+            if ev.type == _PUT and ev.kv.key == self._cause_key:
+                with contextlib.suppress(ValueError):
+                    out[int(ev.kv.mod_revision)] = int(ev.kv.value)
+        return out
 
     async def _follow(self, start: int) -> None:
         """Publishes every change of the jobs to the hub, whoever writes, and keeps the state counts, the head
@@ -374,15 +419,22 @@ class EtcdStore(Store):
                         break
                     if resp.created:
                         self._following = True
+                    causes = self._causes(resp.events)
                     for ev in resp.events:
+                        if ev.kv.key == self._cause_key:
+                            continue  # not a job: the cause of the deletion at its revision
                         revision = int(ev.kv.mod_revision)
-                        event = self._event(ev)
+                        event = self._event(ev, causes.get(revision, 0))
                         if ev.type == _DELETE:
-                            self._states.pop(event.job_id, None)
+                            if rules.is_terminal_job(self._states.pop(event.job_id, 0)):
+                                self._stale_finished += 1
+                                self._compact_finished()
                         else:
                             self._states[event.job_id] = event.state
                             if ev.kv.create_revision == revision:  # only a new job can bring a new timeout
                                 self._track_timeout(pb.JobState.FromString(ev.kv.value), revision)
+                            if rules.is_terminal_job(event.state):
+                                self._track_finished(pb.JobState.FromString(ev.kv.value), revision)
                         if revision > hub.head_revision:
                             hub.skip_to(revision - 1)  # other keys' revisions
                             hub.publish_change(Change.restored(revision, event.job_id, event.nodes, event.frame))
@@ -447,13 +499,34 @@ class EtcdStore(Store):
 
     def _puts(self, change: changes.Change) -> list[Any]:
         job = change.job
-        return [
+        ops = [
             rpc.RequestOp(request_put=rpc.PutRequest(key=self._job_key(job.job_id), value=job.SerializeToString())),
             rpc.RequestOp(
                 request_put=rpc.PutRequest(
                     key=self._history_key(job.job_id, job.version), value=change.entry.SerializeToString()
                 )
             ),
+        ]
+        cap = self.limits.max_history_per_job
+        if cap and job.version > cap:
+            # Versions are one per change: everything before the last ``cap`` goes (one key, or more after the
+            # limit was lowered).
+            ops.append(
+                rpc.RequestOp(
+                    request_delete_range=rpc.DeleteRangeRequest(
+                        key=self._history_dir(job.job_id),
+                        range_end=self._history_key(job.job_id, job.version - cap + 1),
+                    )
+                )
+            )
+        return ops
+
+    def _deletion_ops(self, job_id: str, cause: int) -> list[Any]:
+        history = self._history_dir(job_id)
+        return [
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=self._job_key(job_id))),
+            rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=history, range_end=_prefix_end(history))),
+            rpc.RequestOp(request_put=rpc.PutRequest(key=self._cause_key, value=str(cause).encode())),
         ]
 
     async def _mutate(
@@ -503,7 +576,7 @@ class EtcdStore(Store):
         job_id = job_id or str(uuid.uuid4())
         if self.limits.max_jobs:
             # Checked before the transaction, not in it: servers creating at once can pass the limit slightly.
-            count = await self._range(self._jobs_prefix, _prefix_end(self._jobs_prefix), count_only=True)
+            count = await self._range(self._jobs_start, _prefix_end(self._jobs_prefix), count_only=True)
             if count.count >= self.limits.max_jobs:
                 raise ResourceLimit(f"the store holds {count.count} jobs, its limit", limit="max_jobs")
         change = changes.new_job(job_id, self._clock.now(), timeout_ns, comment)
@@ -563,7 +636,6 @@ class EtcdStore(Store):
             raise InvalidArgument("expected_version must not be negative", field="expected_version")
         kv = await self._get_kv(job_id)
         key = self._job_key(job_id)
-        history = self._history_dir(job_id)
         for _ in range(_MAX_ATTEMPTS):
             current = pb.JobState.FromString(kv.value)
             changes.check_delete(current, expected_version)
@@ -574,12 +646,7 @@ class EtcdStore(Store):
                             key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=kv.mod_revision
                         )
                     ],
-                    success=[
-                        rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key)),
-                        rpc.RequestOp(
-                            request_delete_range=rpc.DeleteRangeRequest(key=history, range_end=_prefix_end(history))
-                        ),
-                    ],
+                    success=self._deletion_ops(job_id, spb.DELETE_CAUSE_CLIENT),
                     failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))],
                 )
             )
@@ -618,6 +685,44 @@ class EtcdStore(Store):
     def next_timeout_ns(self) -> int | None:
         return self._timeouts[0][0] if self._timeouts else None
 
+    async def remove_finished(self, before_ns: int, limit: int) -> int:
+        if self._started is None or not self._started.done() or self._started.exception() is not None:
+            return 0
+        removed = 0
+        while self._finished and self._finished[0][0] <= before_ns and removed < limit and not self._closed:
+            item = heapq.heappop(self._finished)
+            _, job_id, mod_revision = item
+            self._finished_keys.discard((job_id, mod_revision))
+            if job_id not in self._states:
+                self._stale_finished = max(0, self._stale_finished - 1)
+                continue  # its deletion (by a client or another server's retention) has been seen already
+            try:
+                # Guarded by the final change's revision: the job is deleted only as it was seen final, and by
+                # one server only.
+                resp = await self._txn(
+                    rpc.TxnRequest(
+                        compare=[
+                            rpc.Compare(
+                                key=self._job_key(job_id),
+                                target=rpc.Compare.MOD,
+                                result=rpc.Compare.EQUAL,
+                                mod_revision=mod_revision,
+                            )
+                        ],
+                        success=self._deletion_ops(job_id, spb.DELETE_CAUSE_RETENTION),
+                    )
+                )
+            except StoreUnavailable:
+                heapq.heappush(self._finished, item)
+                self._finished_keys.add((job_id, mod_revision))
+                raise
+            if resp.succeeded:
+                removed += 1
+        return removed
+
+    def next_finished_ns(self) -> int | None:
+        return self._finished[0][0] if self._finished else None
+
     # -- reads ---------------------------------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> ReadResult:
@@ -635,7 +740,7 @@ class EtcdStore(Store):
         this engine is meant for; an index by create time would be the next step beyond that.
         """
         await self._ready()
-        resp = await self._range(self._jobs_prefix, _prefix_end(self._jobs_prefix))
+        resp = await self._range(self._jobs_start, _prefix_end(self._jobs_prefix))
         rows: list[tuple[int, str, pb.JobState, int]] = []
         for i, kv in enumerate(resp.kvs, 1):
             job = pb.JobState.FromString(kv.value)
@@ -694,6 +799,12 @@ class EtcdStore(Store):
                             key=self._history_key(job_id, after + 1), range_end=_prefix_end(history), limit=size + 1
                         )
                     ),
+                    # The first entry held: the entries before it were dropped (--max-history-per-job).
+                    rpc.RequestOp(
+                        request_range=rpc.RangeRequest(
+                            key=history, range_end=_prefix_end(history), limit=1, keys_only=True
+                        )
+                    ),
                 ]
             )
         )
@@ -709,7 +820,9 @@ class EtcdStore(Store):
             entry.revision = kv.create_revision
             entries.append(entry)
         token = encode_token(entries[-1].version) if len(kvs) > len(entries) else ""
-        return HistoryPage(entries, token)
+        first = resp.responses[2].response_range.kvs
+        dropped = int(first[0].key[-20:]) - 1 if first else 0
+        return HistoryPage(entries, token, dropped)
 
     # -- watch ---------------------------------------------------------------------------------------------
 
@@ -723,8 +836,9 @@ class EtcdStore(Store):
             )
         )
 
-    def _event(self, ev: Any) -> _Event:
-        """The watcher's view of one etcd event, built once per server (cached by revision and key)."""
+    def _event(self, ev: Any, cause: int = 0) -> _Event:
+        """The watcher's view of one etcd event, built once per server (cached by revision and key); ``cause``:
+        why a deleted job was deleted."""
         kv = ev.kv
         cache_key = (int(kv.mod_revision), bytes(kv.key))
         cached = self._events.get(cache_key)
@@ -742,7 +856,9 @@ class EtcdStore(Store):
             job.job_id = kv.key[len(self._jobs_prefix) :].decode()
             job_bytes = job.SerializeToString()
         # A deletion has no time of its own in etcd: its event carries the job's last update_time.
-        frame = encode_event(event_type, revision, job_bytes, job.update_time.ToNanoseconds())
+        frame = encode_event(
+            event_type, revision, job_bytes, job.update_time.ToNanoseconds(), cause if event_type == DELETED else 0
+        )
         event = _Event(job.job_id, node_tuple(job), frame, job.state)
         self._events[cache_key] = event
         self._events_bytes += len(frame)
@@ -893,11 +1009,12 @@ class EtcdStore(Store):
                     if item.canceled:
                         failure = StoreUnavailable(f"etcd cancelled the watch: {item.cancel_reason}")
                         break
+                    causes = self._causes(item.events)
                     for ev in item.events:
                         revision = ev.kv.mod_revision
-                        if revision <= w.delivered:
+                        if revision <= w.delivered or ev.kv.key == self._cause_key:
                             continue
-                        event = self._event(ev)
+                        event = self._event(ev, causes.get(revision, 0))
                         if _matches(spec, event.job_id, event.nodes):
                             frames.append(event.frame)
                             size += len(event.frame)
@@ -932,6 +1049,7 @@ class EtcdStore(Store):
             watcher_lags=[max(0, self._head - w.delivered) for w in self._watchers] + self._hub.lags(),
             history_bytes_held=self._hub.bytes_held + self._events_bytes,
             history_bytes=self._hub.history_bytes,
+            job_history_entries=-1,  # in etcd; counting them would be a range read per scrape
         )
 
     async def close(self) -> None:

@@ -74,8 +74,9 @@ def _timestamp(ns: int) -> bytes:
     return out
 
 
-def encode_event(event_type: int, revision: int, job_bytes: bytes | None, time_ns: int) -> bytes:
-    """The serialized ``WatchEvent``, framed as one entry of ``WatchResponse.events``."""
+def encode_event(event_type: int, revision: int, job_bytes: bytes | None, time_ns: int, cause: int = 0) -> bytes:
+    """The serialized ``WatchEvent``, framed as one entry of ``WatchResponse.events`` (``cause``: the
+    ``DeleteCause`` of a DELETED event)."""
     head = [b"\x08", _varint(event_type)]
     if revision:
         head += (b"\x10", _varint(revision))
@@ -85,6 +86,8 @@ def encode_event(event_type: int, revision: int, job_bytes: bytes | None, time_n
     if time_ns:
         ts = _timestamp(time_ns)
         tail = b"\x22" + _varint(len(ts)) + ts
+    if cause:
+        tail += b"\x28" + _varint(cause)
     length = sum(map(len, head)) + (len(job_bytes) if job_bytes is not None else 0) + len(tail)
     # One join: the job's bytes (up to the size limit) are copied once, not once per field added.
     return b"".join((b"\x0a", _varint(length), *head, job_bytes or b"", tail))
@@ -131,6 +134,7 @@ class Change:
         time_ns: int,
         job_bytes: bytes | None = None,
         job_id: str | None = None,
+        cause: int = 0,
     ) -> None:
         # The ring holds history_size of these, so each is kept small: the job id is the store's own string,
         # node ids are interned (a cluster has few nodes, reused by every change), and the job is kept only
@@ -139,7 +143,7 @@ class Change:
         self.job_id = job_id if job_id is not None else job.job_id
         self.nodes = node_tuple(job)
         data = job_bytes if job_bytes is not None else job.SerializeToString()
-        self._frame = encode_event(event_type, revision, data, time_ns)
+        self._frame = encode_event(event_type, revision, data, time_ns, cause)
         self.parts: _Parts | None = None
         self.cost = 0
 

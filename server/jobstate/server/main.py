@@ -35,6 +35,14 @@ log = logging.getLogger("jobstate.server")
 
 # How often the timeout sweeper looks at the earliest deadline; a job times out at most this late.
 SWEEP_INTERVAL = 0.1
+# Retention: the sweeper looks at the job final longest at least this often, and removes jobs in batches of
+# RETENTION_BATCH (one SQLite transaction each, about a millisecond of the loop in memory), giving the loop
+# back between batches so that writers and watchers wait for one batch at most.
+RETENTION_INTERVAL = 1.0
+RETENTION_BATCH = 32
+RETENTION_MIN_DELAY = 0.01
+# SQLite gives the space of removed jobs back at most this often.
+MAINTAIN_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ class ServerConfig:
     max_jobs_per_client: int | None = None
     # Refused calls are logged once per client per this many seconds, then as one line with a count.
     refusal_log_interval: float = 10.0
+    # Seconds a job stays after reaching a final state before it is removed (DELETED, cause RETENTION);
+    # 0: finished jobs are kept until a client deletes them.
+    retain_finished: float = 24 * 3600.0
 
 
 @dataclass
@@ -93,6 +104,7 @@ class App:
     # calls that reach the server, and a call still on its way is answered CANCELLED (docs: shutdown).
     transport_stop_started: float | None = None
     _sweeper: asyncio.Task[None] | None = None
+    _retention: asyncio.Task[None] | None = None
 
     def reload(self) -> None:
         """SIGHUP: the tokens file and the TLS files are read again; each keeps its previous version if the new
@@ -121,6 +133,10 @@ class App:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(sweep_timeouts(self.store), name="timeout-sweeper")
+        if self.config.retain_finished > 0:
+            self._retention = asyncio.create_task(
+                sweep_retention(self.store, self.config.retain_finished, self.metrics), name="retention-sweeper"
+            )
 
     async def stop(self, grace: float | None = None) -> None:
         """Health turns NOT_SERVING, watch streams end and new calls are refused with UNAVAILABLE /
@@ -128,10 +144,11 @@ class App:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.config.grace if grace is None else grace)
         await self.health.enter_graceful_shutdown()
-        if self._sweeper is not None:  # first, so no sweep runs into a closed store
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for sweeper in (self._sweeper, self._retention):  # first, so no sweep runs into a closed store
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
         if self.service is not None:
             self.service.begin_shutdown()
         # Watch streams end with SHUTTING_DOWN; a persistent engine refuses later writes the same way.
@@ -194,6 +211,52 @@ async def sweep_timeouts(store: Store) -> None:
             log.info("timeout sweep", extra={"expired": expired})
 
 
+async def sweep_retention(store: Store, retain_seconds: float, metrics: Metrics | None = None) -> None:
+    """Removes jobs that have been final for longer than ``retain_seconds``, oldest first, in short batches.
+
+    Safe on several servers sharing one etcd: each removal is guarded there, so each job is removed once."""
+    retain_ns = int(retain_seconds * 1e9)
+    # Sweeps are at least this far apart, so that jobs finishing one after another are removed together (one
+    # sweep, one log line a second at most) rather than each by a sweep of its own.
+    gap = max(RETENTION_MIN_DELAY, min(RETENTION_INTERVAL, retain_seconds / 4))
+    maintained = time.monotonic()
+    pending_maintenance = False
+    while True:
+        due = store.next_finished_ns()
+        delay = RETENTION_INTERVAL
+        if due is not None:
+            delay = min(delay, max(gap, (due + retain_ns - time.time_ns()) / 1e9))
+        await asyncio.sleep(delay)
+        started = time.perf_counter()
+        removed = 0
+        failed = False
+        try:
+            while True:
+                n = await store.remove_finished(time.time_ns() - retain_ns, RETENTION_BATCH)
+                removed += n
+                if n < RETENTION_BATCH:
+                    break
+                await asyncio.sleep(0)  # writers and watchers run between batches
+        except Exception:  # the sweeper must outlive one bad sweep; the next one retries
+            log.exception("retention sweep failed")
+            failed = True
+        seconds = time.perf_counter() - started
+        if metrics is not None:
+            metrics.observe_retention(removed, seconds)
+        if removed:
+            pending_maintenance = True
+            log.info(
+                "retention sweep",
+                extra={"removed": removed, "seconds": round(seconds, 4), "jobs": store.stats().jobs},
+            )
+        if pending_maintenance and time.monotonic() - maintained >= MAINTAIN_INTERVAL:
+            pending_maintenance = False
+            maintained = time.monotonic()
+            await store.maintain()
+        if failed:
+            await asyncio.sleep(RETENTION_INTERVAL)  # a store that is down is not asked again at once
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -210,6 +273,7 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     non-loopback address without ``insecure``, half a TLS key pair, a client CA without TLS).
     """
     tls = check_transport(config)
+    check_retention(config)
     config = with_client_shares(config)
     # A page must fit in a message: with a smaller --max-message-bytes, pages end sooner.
     page_bytes = min(config.limits.max_page_bytes, max(64 * 1024, config.max_message_bytes - 64 * 1024))
@@ -286,6 +350,15 @@ def with_client_shares(config: ServerConfig) -> ServerConfig:
             config.limits, max_jobs_per_client=client_share(config.limits.max_jobs) if jobs is None else jobs
         ),
     )
+
+
+def check_retention(config: ServerConfig) -> None:
+    if not config.retain_finished >= 0 or config.retain_finished == float("inf"):
+        raise ValueError(
+            f"retain_finished must be 0 (keep forever) or a positive duration, not {config.retain_finished}"
+        )
+    if config.limits.max_history_per_job < 0:
+        raise ValueError(f"max_history_per_job must be 0 (no limit) or more, not {config.limits.max_history_per_job}")
 
 
 def check_transport(config: ServerConfig) -> ServerTls | None:
@@ -379,6 +452,8 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
             "max_watchers": config.max_watchers,
             "tls": "mtls" if config.tls_client_ca else ("on" if config.tls_cert else "off"),
             "auth": "tokens" if config.auth_tokens_file else "off",
+            "retain_finished": config.retain_finished or "forever",
+            "max_history_per_job": config.limits.max_history_per_job or "unlimited",
             **({"metrics_port": app.metrics_port} if app.metrics_port is not None else {}),
         },
     )

@@ -34,6 +34,9 @@ Metric names (all prefixed ``jobstate_``):
 - ``watchers_lagged_total`` streams ended with ``RESOURCE_EXHAUSTED``/``WATCHER_LAGGED`` (fell out of history).
 - ``watchers_dropped_total`` watch streams the server ended or refused rather than the client: lagged,
   over ``max_watchers``, or shutting down.
+- ``retention_removed_jobs_total`` jobs removed by retention (``--retain-finished``);
+  ``retention_sweep_seconds`` how long each sweep took (a histogram; sweeps run at least once a second).
+- ``job_history_entries`` history entries of the jobs held (GetJobHistory's), all jobs together; not on etcd.
 """
 
 from __future__ import annotations
@@ -112,6 +115,12 @@ class _StoreCollector(Collector):
             value=s.history_bytes,
         )
         yield GaugeMetricFamily(f"{PREFIX}_watchers", "Live watch streams.", value=s.watchers)
+        if s.job_history_entries >= 0:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_job_history_entries",
+                "History entries of the jobs held, all jobs together.",
+                value=s.job_history_entries,
+            )
         lags = s.watcher_lags
         yield GaugeMetricFamily(
             f"{PREFIX}_watcher_lag_max_revisions",
@@ -175,6 +184,17 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.retention_removed = Counter(
+            f"{PREFIX}_retention_removed_jobs",
+            "Jobs removed by retention after being final for --retain-finished.",
+            registry=self.registry,
+        )
+        self.retention_seconds = Histogram(
+            f"{PREFIX}_retention_sweep_seconds",
+            "Time each retention sweep took, all its batches together.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         # A plain int: observe runs on the server loop, and the collector reads it there too.
         self.watchers_dropped = 0
         self.registry.register(_StoreCollector(store, self))
@@ -190,6 +210,10 @@ class Metrics:
                 self.watchers_dropped += 1
         else:
             self.latency.labels(method).observe(seconds)
+
+    def observe_retention(self, removed: int, seconds: float) -> None:
+        self.retention_removed.inc(removed)
+        self.retention_seconds.observe(seconds)
 
     # -- HTTP endpoint ---------------------------------------------------------------------------------------
 

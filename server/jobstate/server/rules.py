@@ -63,6 +63,8 @@ class Limits:
     # one): under the 4 MiB a stock gRPC client accepts, so every page reaches every client whatever the jobs'
     # sizes. The server lowers it to fit --max-message-bytes.
     max_page_bytes: int = 4 * 1024 * 1024 - 64 * 1024
+    # History entries kept per job: a job's older changes are dropped beyond it (0: keep every change).
+    max_history_per_job: int = 1000
 
 
 DEFAULT_LIMITS = Limits()

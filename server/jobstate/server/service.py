@@ -166,7 +166,9 @@ class JobStateService:
 
     async def get_job_history(self, req: spb.GetJobHistoryRequest) -> spb.GetJobHistoryResponse:
         page = await self.store.get_history(req.job_id, req.page_size, req.page_token)
-        return spb.GetJobHistoryResponse(entries=page.entries, next_page_token=page.next_page_token)
+        return spb.GetJobHistoryResponse(
+            entries=page.entries, next_page_token=page.next_page_token, dropped_entries=page.dropped
+        )
 
     # -- Watch ---------------------------------------------------------------------------------------------
 

@@ -6,11 +6,16 @@ reaches a watcher or is acknowledged: if the transaction fails, nothing changed 
 
 Tables:
 - ``jobs``: one row per live job (its serialized ``JobState`` and what the indexes need);
-- ``history``: every history entry of every live job (deleted with the job, in the same transaction);
+- ``history``: the last ``max_history_per_job`` history entries of every live job (older ones deleted by the
+  transaction that adds a new one; all of them with the job, in the same transaction);
 - ``events``: the last ``history_size`` changes as watchers receive them (the hub's serialized ``WatchEvent``
   frame, with the job id and node ids its filters need), so after a restart a watcher resumes by revision with
   nothing lost, and reopening does not parse or re-encode them;
 - ``meta``: the head revision (and the schema version).
+
+A job's retention clock (``--retain-finished``) is its ``update_time``, inside the stored ``JobState``: a final
+job never changes again, so that is when it became final, and a restart reads it back with the job. Removed
+jobs' pages are returned to the file system by ``maintain`` (``auto_vacuum=INCREMENTAL``).
 
 Durability: WAL mode with ``synchronous=FULL``: each commit fsyncs the WAL, so an acknowledged change survives
 a power loss or an OS crash, not only a crash of this process (``NORMAL`` would survive ``kill -9`` but could
@@ -29,11 +34,15 @@ each acknowledgement until its batch commits.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import sqlite3
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from jobstate.server import rules
@@ -41,9 +50,16 @@ from jobstate.server.errors import ShuttingDown, StoreUnavailable
 from jobstate.server.hub import DELETED, Change, WatchHub
 from jobstate.server.store import MemoryStore, Mutation, _Record
 
+log = logging.getLogger("jobstate.server.sqlite")
+
 DB_FILE = "jobstate.db"
 LOCK_FILE = "jobstate.lock"
 SCHEMA_VERSION = 1
+# Space of removed jobs is given back in steps of this many pages (4 KiB each), each step one short
+# transaction, so writers wait for at most one step.
+VACUUM_STEP_PAGES = 256
+# The WAL is truncated to this after a checkpoint: it stays small once the burst that grew it is written back.
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -116,9 +132,16 @@ class SqliteStore(MemoryStore):
             self._db = sqlite3.connect(
                 self.data_dir / DB_FILE, isolation_level=None, check_same_thread=False, timeout=busy_timeout
             )
+            # Freed pages (removed jobs) go back to the file system bit by bit (``maintain``), not only to
+            # SQLite's free list: set before the first table exists, or by one VACUUM on an older database.
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             self._db.executescript(_SCHEMA)
+            if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+                log.info("converting the database to incremental vacuum (once)", extra={"db": str(self.data_dir)})
+                self._db.execute("VACUUM")
             self._load()
         except BaseException:
             self._release()
@@ -153,6 +176,15 @@ class SqliteStore(MemoryStore):
             rec = self._jobs.get(job_id)
             if rec is not None:
                 rec.history.append(entry)
+        cap = self.limits.max_history_per_job
+        over = [r for r in self._jobs.values() if cap and len(r.history) > cap]
+        if over:  # --max-history-per-job was lowered since the last run
+            self._db.execute("BEGIN IMMEDIATE")
+            for r in over:
+                self._trim(r.job_id, len(r.history) - cap)
+                del r.history[: len(r.history) - cap]
+            self._db.execute("COMMIT")
+        self._history_entries = sum(len(r.history) for r in self._jobs.values())
         events = self._db.execute(
             "SELECT revision, job_id, nodes, frame FROM events WHERE revision > ? ORDER BY revision",
             (head - self.hub.history_size,),
@@ -171,35 +203,56 @@ class SqliteStore(MemoryStore):
 
     # -- writing through -----------------------------------------------------------------------------------
 
-    def _persist(self, m: Mutation) -> None:
-        if self._closed:
-            raise ShuttingDown("the server is shutting down")
+    def _trim(self, job_id: str, count: int) -> None:
+        """Deletes the job's ``count`` oldest history entries (inside the caller's transaction)."""
+        self._db.execute(
+            "DELETE FROM history WHERE job_id = ?1 AND revision IN "
+            "(SELECT revision FROM history WHERE job_id = ?1 ORDER BY revision LIMIT ?2)",
+            (job_id, count),
+        )
+
+    def _write(self, m: Mutation) -> None:
+        """The rows of one change (inside the caller's transaction)."""
         job = m.job
         db = self._db
+        if m.event_type == DELETED:
+            db.execute("DELETE FROM jobs WHERE job_id = ?", (job.job_id,))
+            db.execute("DELETE FROM history WHERE job_id = ?", (job.job_id,))
+        else:
+            assert m.entry_data is not None
+            timeout_ns = job.timeout_at.ToNanoseconds() if job.HasField("timeout_at") else 0
+            db.execute(
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
+                (job.job_id, m.create_ns, m.revision, m.time_ns, timeout_ns, m.job_data),
+            )
+            if m.drop_history:
+                self._trim(job.job_id, m.drop_history)
+            db.execute(
+                "INSERT INTO history VALUES (?, ?, ?)",
+                (job.job_id, m.revision, m.entry_data),
+            )
+        event = m.event
+        db.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
+            (m.revision, m.event_type, job.job_id, " ".join(event.nodes), m.time_ns, event.frame),
+        )
+
+    def _persist(self, m: Mutation) -> None:
+        self._persist_many((m,))
+
+    def _persist_many(self, mutations: Sequence[Mutation]) -> None:
+        # One transaction (one fsync) for a retention batch: each job is still its own change and revision.
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        db = self._db
+        last = mutations[-1].revision
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                if m.event_type == DELETED:
-                    db.execute("DELETE FROM jobs WHERE job_id = ?", (job.job_id,))
-                    db.execute("DELETE FROM history WHERE job_id = ?", (job.job_id,))
-                else:
-                    assert m.entry_data is not None
-                    timeout_ns = job.timeout_at.ToNanoseconds() if job.HasField("timeout_at") else 0
-                    db.execute(
-                        "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?)",
-                        (job.job_id, m.create_ns, m.revision, m.time_ns, timeout_ns, m.job_data),
-                    )
-                    db.execute(
-                        "INSERT INTO history VALUES (?, ?, ?)",
-                        (job.job_id, m.revision, m.entry_data),
-                    )
-                event = m.event
-                db.execute(
-                    "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
-                    (m.revision, m.event_type, job.job_id, " ".join(event.nodes), m.time_ns, event.frame),
-                )
-                db.execute("DELETE FROM events WHERE revision <= ?", (m.revision - self.hub.history_size,))
-                db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (m.revision,))
+                for m in mutations:
+                    self._write(m)
+                db.execute("DELETE FROM events WHERE revision <= ?", (last - self.hub.history_size,))
+                db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (last,))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -210,7 +263,30 @@ class SqliteStore(MemoryStore):
             # and nothing changed here (only an fsync failing inside COMMIT can leave the change on disk, to
             # appear at the next start; the events table's revision key then refuses every later write rather
             # than letting memory and disk diverge).
-            raise StoreUnavailable(f"the change at revision {m.revision} was not committed: {exc}") from exc
+            raise StoreUnavailable(f"the change at revision {last} was not committed: {exc}") from exc
+
+    async def maintain(self) -> None:
+        """Returns the pages of removed jobs to the file system and truncates the WAL, in short steps.
+
+        The free list alone would be reused by later writes, so the file would stop growing anyway at a steady
+        churn; giving pages back also shrinks it after a burst of jobs is removed."""
+        db = self._db
+        try:
+            while not self._closed and db.execute("PRAGMA freelist_count").fetchone()[0] > VACUUM_STEP_PAGES:
+                db.execute(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})").fetchall()  # one page a step
+                await asyncio.sleep(0)  # writers and watchers run between steps
+            if not self._closed:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("sqlite maintenance failed: %s", exc)
+
+    def file_bytes(self) -> int:
+        """The database's size on disk: the file and its WAL."""
+        total = 0
+        for name in (DB_FILE, DB_FILE + "-wal"):
+            with contextlib.suppress(OSError):  # no WAL right after a TRUNCATE checkpoint
+                total += (self.data_dir / name).stat().st_size
+        return total
 
     # -- closing -------------------------------------------------------------------------------------------
 

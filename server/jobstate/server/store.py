@@ -57,6 +57,8 @@ class JobPage:
 class HistoryPage:
     entries: list[pb.JobHistoryEntry]
     next_page_token: str
+    # The job's earliest changes no longer held (``--max-history-per-job``): the first held is version dropped+1.
+    dropped: int = 0
 
 
 @dataclass(slots=True)
@@ -71,6 +73,8 @@ class StoreStats:
     # What the held history takes in memory by the hub's account, and its budget (0: none).
     history_bytes_held: int = 0
     history_bytes: int = 0
+    # History entries of the jobs held (GetJobHistory's), all jobs together; -1: the engine does not count them.
+    job_history_entries: int = -1
 
 
 class Store(abc.ABC):
@@ -148,6 +152,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def next_timeout_ns(self) -> int | None:
         """When the earliest pending timeout falls due (wall clock, ns), or None."""
+
+    async def remove_finished(self, before_ns: int, limit: int) -> int:
+        """Removes up to ``limit`` jobs that reached a final state at or before ``before_ns`` (wall clock), each
+        as one DELETED change with cause RETENTION, oldest first; returns how many. Non-final jobs are never
+        removed. An engine without retention removes nothing."""
+        return 0
+
+    def next_finished_ns(self) -> int | None:
+        """When the job that has been final longest became final (wall clock, ns), or None."""
+        return None
+
+    async def maintain(self) -> None:  # noqa: B027 (optional hook)
+        """Gives the space of removed jobs back (an engine on disk); called after a sweep removed jobs."""
 
     @abc.abstractmethod
     def stats(self) -> StoreStats: ...
@@ -297,6 +314,8 @@ class Mutation:
     create_ns: int
     entry_data: bytes | None
     event: Change
+    # The job's oldest history entries dropped by this change (--max-history-per-job).
+    drop_history: int = 0
 
 
 @dataclass(slots=True)
@@ -371,6 +390,16 @@ class MemoryStore(Store):
         # (create_ns, job_id) of every job, sorted: the ListJobs order, and where a page token resumes.
         self._order: list[tuple[int, str]] = []
         self._timeouts: list[tuple[int, str, int]] = []  # heap of (timeout_ns, job_id, create_ns)
+        # Heap of (final_ns, job_id, create_ns) of the jobs in a final state: retention removes from the top.
+        # A final job never changes again, so its update_time is when it became final, on disk and after a
+        # restart alike.
+        self._finished: list[tuple[int, str, int]] = []
+        # Heap entries of jobs removed before the entry fell due: compacted away once they are half their heap
+        # (a job deleted by a client would otherwise keep its timeout entry for up to a year, and its
+        # retention entry for ever when retention is off).
+        self._stale_timeouts = 0
+        self._stale_finished = 0
+        self._history_entries = 0
         self._revision = self.hub.head_revision
         self.store_id = f"mem-{uuid.uuid4().hex[:16]}"
         self._clock = _Clock()
@@ -410,6 +439,9 @@ class MemoryStore(Store):
         if job is None:
             job = rec.job
             rec.index(job)
+            self._history_entries += len(rec.history)
+            if rules.is_terminal_job(job.state):
+                heapq.heappush(self._finished, (job.update_time.ToNanoseconds(), rec.job_id, rec.create_ns))
         _insert(self._by_state, rec.state, key)
         for node in rec.nodes:
             _insert(self._by_node, node, key)
@@ -455,7 +487,9 @@ class MemoryStore(Store):
         data = change.job.SerializeToString()
         entry_data = change.entry.SerializeToString()
         event = Change(revision, event_type, change.job, now_ns, data, rec.job_id)
-        self._persist(Mutation(revision, event_type, change.job, data, now_ns, rec.create_ns, entry_data, event))
+        cap = self.limits.max_history_per_job
+        drop = max(0, len(rec.history) + 1 - cap) if cap else 0
+        self._persist(Mutation(revision, event_type, change.job, data, now_ns, rec.create_ns, entry_data, event, drop))
         self._revision = revision
         rec.data = data
         # event.nodes: computed once, for the hub and for ListJobs' node filter
@@ -468,7 +502,12 @@ class MemoryStore(Store):
             changed.add(rec.job_id)
         rec.mod_revision = revision
         rec.mod_time_ns = now_ns
+        if drop:
+            del rec.history[:drop]
         rec.history.append(entry_data)
+        self._history_entries += 1 - drop
+        if rules.is_terminal_job(rec.state):  # a final job is never changed again: this is when it became final
+            heapq.heappush(self._finished, (now_ns, rec.job_id, rec.create_ns))
         self.hub.publish_change(event)
         return WriteResult(change.job, revision, change.execution)
 
@@ -526,16 +565,86 @@ class MemoryStore(Store):
         if expected_version < 0:
             raise InvalidArgument("expected_version must not be negative", field="expected_version")
         rec = self._record(job_id)
-        changes.check_delete(rec.job, expected_version)
-        now = self._clock.now()
-        revision = self._revision + 1
         job = rec.job
-        event = Change(revision, DELETED, job, now, rec.data, rec.job_id)
-        self._persist(Mutation(revision, DELETED, job, rec.data, now, rec.create_ns, None, event))
-        self._revision = revision
+        changes.check_delete(job, expected_version)
+        m = self._deletion(rec, job, self._revision + 1, self._clock.now(), spb.DELETE_CAUSE_CLIENT)
+        self._persist(m)
+        self._drop(rec, m)
+        if rules.is_terminal_job(rec.state):
+            self._stale_finished += 1
+        self._compact()
+        return WriteResult(job, m.revision)
+
+    def _deletion(self, rec: _Record, job: pb.JobState, revision: int, now_ns: int, cause: int) -> Mutation:
+        event = Change(revision, DELETED, job, now_ns, rec.data, rec.job_id, cause)
+        return Mutation(revision, DELETED, job, rec.data, now_ns, rec.create_ns, None, event)
+
+    def _drop(self, rec: _Record, m: Mutation) -> None:
+        """Takes a deleted job out of memory and publishes its deletion (after ``_persist`` succeeded)."""
+        self._revision = m.revision
         self._forget(rec)
-        self.hub.publish_change(event)
-        return WriteResult(job, revision)
+        self._history_entries -= len(rec.history)
+        if m.job.HasField("timeout_at") and m.job.timeout_at.ToNanoseconds() > m.time_ns:
+            self._stale_timeouts += 1  # its heap entry stays until compacted or due
+        self.hub.publish_change(m.event)
+
+    def _persist_many(self, mutations: Sequence[Mutation]) -> None:
+        """Write-through of several changes at once (a retention batch): all of them or none."""
+        for m in mutations:
+            self._persist(m)
+
+    async def remove_finished(self, before_ns: int, limit: int) -> int:
+        batch: list[tuple[_Record, Mutation]] = []
+        taken: list[tuple[int, str, int]] = []
+        revision = self._revision
+        now = 0
+        while self._finished and self._finished[0][0] <= before_ns and len(batch) < limit:
+            item = heapq.heappop(self._finished)
+            taken.append(item)
+            _, job_id, create_ns = item
+            rec = self._jobs.get(job_id)
+            if rec is None or rec.create_ns != create_ns or not rules.is_terminal_job(rec.state):
+                self._stale_finished = max(0, self._stale_finished - 1)
+                continue  # deleted by a client (or deleted and created again under the same id)
+            now = now or self._clock.now()
+            revision += 1
+            batch.append((rec, self._deletion(rec, rec.job, revision, now, spb.DELETE_CAUSE_RETENTION)))
+        if not batch:
+            return 0
+        try:
+            self._persist_many([m for _, m in batch])
+        except BaseException:
+            for item in taken:  # not committed: the next sweep tries again
+                heapq.heappush(self._finished, item)
+            raise
+        for rec, m in batch:
+            self._drop(rec, m)
+        self._compact()
+        return len(batch)
+
+    def next_finished_ns(self) -> int | None:
+        return self._finished[0][0] if self._finished else None
+
+    def _compact(self) -> None:
+        """Drops the heap entries of removed jobs once they are half their heap: each heap then stays within
+        twice what it needs, at the cost of one pass over it per that many removals."""
+        if self._stale_timeouts >= 1024 and self._stale_timeouts * 2 >= len(self._timeouts):
+            self._timeouts = self._live(self._timeouts, open_only=True)
+            self._stale_timeouts = 0
+        if self._stale_finished >= 1024 and self._stale_finished * 2 >= len(self._finished):
+            self._finished = self._live(self._finished, open_only=False)
+            self._stale_finished = 0
+
+    def _live(self, heap: list[tuple[int, str, int]], *, open_only: bool) -> list[tuple[int, str, int]]:
+        live = [
+            t
+            for t in heap
+            if (r := self._jobs.get(t[1])) is not None
+            and r.create_ns == t[2]
+            and not (open_only and rules.is_terminal_job(r.state))
+        ]
+        heapq.heapify(live)
+        return live
 
     async def expire_due(self, now_ns: int | None = None) -> int:
         now = now_ns if now_ns is not None else time.time_ns()
@@ -545,6 +654,7 @@ class MemoryStore(Store):
             _, job_id, create_ns = due
             rec = self._jobs.get(job_id)
             if rec is None or rec.create_ns != create_ns:
+                self._stale_timeouts = max(0, self._stale_timeouts - 1)
                 continue  # deleted, or deleted and created again under the same id
             at = self._clock.now()
             change = changes.expire(rec.job, at)
@@ -671,17 +781,22 @@ class MemoryStore(Store):
     async def get_history(self, job_id: str, page_size: int = 0, page_token: str = "") -> HistoryPage:
         size = rules.validate_page(page_size, self.limits)
         rec = self._record(job_id)
+        # Versions are one per change, so the first entry held says how many came before it. Tokens name the
+        # version after the page (as on etcd), so a page stays right when older entries are dropped meanwhile.
+        dropped = pb.JobHistoryEntry.FromString(rec.history[0]).version - 1 if rec.history else 0
         start = 0
         if page_token:
-            (start,) = decode_token(page_token, (int,))  # type: ignore[assignment]
-            if start < 0:
+            (after,) = decode_token(page_token, (int,))
+            if not isinstance(after, int) or after < 0:
                 raise InvalidArgument("page_token is not a token this server issued", field="page_token")
+            start = max(0, after - dropped)
         page_bytes = PageBytes(self.limits)
         end = start
         while end < min(start + size, len(rec.history)) and page_bytes.fits(len(rec.history[end])):
             end += 1
         entries = [pb.JobHistoryEntry.FromString(e) for e in rec.history[start:end]]
-        return HistoryPage(entries, encode_token(end) if end < len(rec.history) else "")
+        token = encode_token(entries[-1].version) if end < len(rec.history) and entries else ""
+        return HistoryPage(entries, token, dropped)
 
     def snapshot(self, spec: WatchSpec) -> Snapshot:
         snap = Snapshot(self._revision)
@@ -716,6 +831,7 @@ class MemoryStore(Store):
             watcher_lags=self.hub.lags(),
             history_bytes_held=self.hub.bytes_held,
             history_bytes=self.hub.history_bytes,
+            job_history_entries=self._history_entries,
         )
 
     async def close(self) -> None:
