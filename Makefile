@@ -6,15 +6,18 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 HOST ?= 127.0.0.1
 PORT ?= 50051
+# The HTTP listener (Connect, gRPC-Web, JSON and the dashboard) of `make run`; HTTP_PORT= (empty) turns it off.
+HTTP_PORT ?= 8080
 PROTOS := $(wildcard protos/jobstate/v1/*.proto)
 export PYTHONPATH := $(CURDIR)/server:$(CURDIR)/client:$(CURDIR)/gen
 
 .PHONY: help venv proto proto-check lint test test-fast test-heavy run node-deps etcd-deps clean
 
 help:
-	@echo "make run    start the server on $(HOST):$(PORT) (HOST=, PORT= override)"
+	@echo "make run    start the server on $(HOST):$(PORT), HTTP and the dashboard on http://$(HOST):$(HTTP_PORT)"
+	@echo "            (HOST=, PORT=, HTTP_PORT= override)"
 	@echo "make test   lint, type-check and run every test"
-	@echo "make proto  regenerate the Python stubs in gen/ from protos/"
+	@echo "make proto  regenerate the Python stubs in gen/ and the TypeScript ones in web/gen/ from protos/"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,11 +34,11 @@ node_modules/.installed: package.json package-lock.json
 node-deps: node_modules/.installed
 
 # Stubs are generated, never edited; tests/test_generated.py fails when they are stale.
-proto: venv
-	bash scripts/gen-proto.sh gen
+proto: venv node-deps
+	bash scripts/gen-proto.sh gen .
 
 run: venv
-	$(PY) -m jobstate serve --host $(HOST) --port $(PORT) $(ARGS)
+	$(PY) -m jobstate serve --host $(HOST) --port $(PORT) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(ARGS)
 
 lint: venv node-deps
 	$(BIN)/ruff check server client tests bench scripts

@@ -1,9 +1,10 @@
 """Building and running the server process.
 
-``build_server(config)`` assembles a ready ``App`` (grpc.aio server, store, health, reflection) bound to its
-port but not started, so tests start a real server on port 0. ``serve(config)`` runs it until SIGTERM or
-SIGINT, then shuts down gracefully: health turns NOT_SERVING, watch streams end with UNAVAILABLE /
-SHUTTING_DOWN, in-flight calls get ``grace`` seconds to finish, and the process exits 0.
+``build_server(config)`` assembles a ready ``App`` (grpc.aio server, store, health, reflection, and with
+``http_port`` the HTTP listener: Connect, gRPC-Web and the dashboard) bound to its ports but not started, so
+tests start a real server on port 0. ``serve(config)`` runs it until SIGTERM or SIGINT, then shuts down
+gracefully: health turns NOT_SERVING, watch streams (gRPC and HTTP) end with UNAVAILABLE / SHUTTING_DOWN,
+in-flight calls get ``grace`` seconds to finish, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from grpc_health.v1._async import HealthServicer  # health.aio, spelled so type 
 from grpc_reflection.v1alpha import reflection
 
 from jobstate.server import engines, rules
+from jobstate.server.grpc_door import GrpcDoor
+from jobstate.server.http_door import HttpDoor, asgi_app
+from jobstate.server.http_server import HttpApp, HttpConfig, HttpListener, HttpTls
 from jobstate.server.metrics import Metrics, Observers
 from jobstate.server.security import SecurityConfig, SecurityInterceptor, ServerTls
 from jobstate.server.service import SERVICE_NAME, JobStateService, Observer
@@ -65,6 +69,14 @@ class ServerConfig:
     write_rate_per_client: float = 0.0  # writes a second per client; 0: unlimited
     write_burst_per_client: int = 0  # 0: one second's worth
     max_watchers_per_client: int = 0  # 0: unlimited
+    # The HTTP listener (Connect, gRPC-Web, the dashboard): on http_host:http_port (0: a free port); None: off.
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
+    # Browser origins allowed to call the API across origins (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
+    # Host header names answered besides the loopback names and http_host (DNS rebinding guard).
+    http_allowed_hosts: tuple[str, ...] = ()
+    http_max_connections: int = 1000
 
 
 @dataclass
@@ -80,6 +92,7 @@ class App:
     security: SecurityInterceptor | None = None
     service: JobStateService | None = None
     tls: ServerTls | None = None
+    http: HttpListener | None = None
     _sweeper: asyncio.Task[None] | None = None
 
     def reload(self) -> None:
@@ -89,11 +102,26 @@ class App:
             self.security.reload()
         if self.tls is not None:
             self.tls.reload()
+        if self.http is not None and self.http.tls is not None:
+            self.http.tls.reload()
 
     @property
     def target(self) -> str:
         host = self.config.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP listener's bound port, or None when it is off."""
+        return None if self.http is None else self.http.port
+
+    @property
+    def http_url(self) -> str | None:
+        if self.http is None:
+            return None
+        host = self.http.config.host
+        scheme = "https" if self.http.tls is not None else "http"
+        return f"{scheme}://[{host}]:{self.http.port}" if ":" in host else f"{scheme}://{host}:{self.http.port}"
 
     @property
     def metrics_port(self) -> int | None:
@@ -106,6 +134,8 @@ class App:
             await self.metrics.start(self.config.host, self.config.metrics_port)
         await self.store.start()
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(sweep_timeouts(self.store), name="timeout-sweeper")
@@ -126,7 +156,11 @@ class App:
         await self.store.close()
         if self.service is not None:
             await settle(self.service, deadline)
-        await self.server.stop(max(0.0, deadline - loop.time()))
+        left = max(0.0, deadline - loop.time())
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(left), self.http.stop(left))
+        else:
+            await self.server.stop(left)
         if self.metrics is not None:
             await self.metrics.stop()
 
@@ -225,7 +259,7 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     service = JobStateService(store, observer)
     if security is not None:
         security.observer = observer
-    server.add_generic_rpc_handlers((service.handler(),))
+    server.add_generic_rpc_handlers((GrpcDoor(service).handler(),))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -239,7 +273,31 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
         )
     except RuntimeError as exc:  # grpc reports a failed bind this way; say it as the OS would
         raise OSError(f"cannot listen on {address}: address in use or not available") from exc
-    return App(replace(config, port=port), server, port, store, health_servicer, metrics, security, service, tls)
+    http = build_http(config, service, security) if config.http_port is not None else None
+    return App(replace(config, port=port), server, port, store, health_servicer, metrics, security, service, tls, http)
+
+
+def build_http(config: ServerConfig, service: JobStateService, security: SecurityInterceptor | None) -> HttpListener:
+    """The HTTP listener over the same service and security layer as gRPC, bound but not started."""
+    if config.http_port is None:
+        raise ValueError("no HTTP port")
+    http_config = HttpConfig(
+        host=config.http_host,
+        port=config.http_port,
+        cors_origins=config.cors_origins,
+        allowed_hosts=config.http_allowed_hosts,
+        max_connections=config.http_max_connections,
+        max_message_bytes=config.max_message_bytes,
+    )
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = HttpTls(config.tls_cert, config.tls_key, config.tls_client_ca)
+    elif not is_loopback(config.http_host) and not config.insecure:
+        raise ValueError(
+            f"refusing to serve plaintext HTTP on {config.http_host}: give --tls-cert and --tls-key, or --insecure"
+        )
+    api = asgi_app(HttpDoor(service, security), config.max_message_bytes)
+    return HttpListener(HttpApp(api, http_config), http_config, tls)
 
 
 def check_transport(config: ServerConfig) -> ServerTls | None:
@@ -309,6 +367,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
             "tls": "mtls" if config.tls_client_ca else ("on" if config.tls_cert else "off"),
             "auth": "tokens" if config.auth_tokens_file else "off",
             **({"metrics_port": app.metrics_port} if app.metrics_port is not None else {}),
+            **({"http_address": app.http_url} if app.http_url is not None else {}),
         },
     )
     stop = asyncio.Event()
