@@ -11,13 +11,14 @@ HTTP_PORT ?= 8080
 PROTOS := $(wildcard protos/jobstate/v1/*.proto)
 export PYTHONPATH := $(CURDIR)/server:$(CURDIR)/client:$(CURDIR)/gen
 
-.PHONY: help venv proto proto-check lint test test-fast test-heavy run node-deps etcd-deps clean
+.PHONY: help venv proto proto-check lint test test-fast test-heavy run node-deps etcd-deps chromium-deps web screenshots clean
 
 help:
 	@echo "make run    start the server on $(HOST):$(PORT), HTTP and the dashboard on http://$(HOST):$(HTTP_PORT)"
 	@echo "            (HOST=, PORT=, HTTP_PORT= override)"
 	@echo "make test   lint, type-check and run every test"
 	@echo "make proto  regenerate the Python stubs in gen/ and the TypeScript ones in web/gen/ from protos/"
+	@echo "make web    rebuild the dashboard's bundle (web/ -> server/jobstate/server/static/)"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,13 @@ node-deps: node_modules/.installed
 # Stubs are generated, never edited; tests/test_generated.py fails when they are stale.
 proto: venv node-deps
 	bash scripts/gen-proto.sh gen .
+	$(MAKE) --no-print-directory web
+
+# The dashboard (web/): type-checked, then bundled by esbuild into server/jobstate/server/static/, which is
+# committed so that pip install needs no Node; tests/test_web_bundle.py fails when it is stale.
+web: node-deps
+	npx --no-install tsc -p web
+	node web/build.mjs
 
 run: venv
 	$(PY) -m jobstate serve --host $(HOST) --port $(PORT) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(ARGS)
@@ -45,15 +53,25 @@ lint: venv node-deps
 	$(BIN)/ruff format --check server client tests bench scripts
 	$(BIN)/mypy -p jobstate.server -p jobstate.client
 	npx --no-install buf lint
+	npx --no-install tsc -p web
 
 # The etcd engine's tests start real etcd servers: Debian's etcd-server (etcd 3.4), installed when missing.
 etcd-deps:
 	command -v etcd >/dev/null || test -x /usr/bin/etcd || (apt-get -o DPkg::Lock::Timeout=300 update && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y etcd-server)
 
-test: lint etcd-deps
+# The dashboard's browser tests (tests/browser/) drive Debian's chromium through Playwright, which cannot
+# download browsers of its own here: installed when missing.
+chromium-deps:
+	test -x /usr/bin/chromium || (apt-get -o DPkg::Lock::Timeout=300 update && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y chromium)
+
+# The dashboard's pictures in docs/ (the README shows docs/dashboard.png), taken by the browser tests.
+screenshots: venv node-deps chromium-deps
+	JOBSTATE_SCREENSHOTS=docs $(BIN)/pytest -q -p no:cacheprovider tests/browser -k "screenshots or job_page"
+
+test: lint etcd-deps chromium-deps
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-fast: venv etcd-deps
+test-fast: venv etcd-deps chromium-deps
 	$(BIN)/pytest -q -x -m "not slow" $(PYTEST_ARGS)
 
 test-heavy: venv etcd-deps

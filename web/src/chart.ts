@@ -1,6 +1,7 @@
 // The last minutes as a picture: changes per second (by commit time) and jobs by state (sampled each second
-// while live). Plain SVG; the only text put into it is numbers this file formats.
-import { JOB_COLOUR_VAR, JOB_ORDER, fmtInt } from "./format";
+// while live). Plain SVG; the only text put into it is numbers this file formats. Colours come from classes:
+// the server's Content-Security-Policy (style-src 'self') refuses style attributes in markup.
+import { JOB_CLASS, JOB_ORDER, fmtInt } from "./format";
 import type { RateWindow } from "./sync";
 
 export interface StateSample {
@@ -98,7 +99,7 @@ export function renderChart(
         const s = run[i];
         pts.push(`${(xOf(s) + barW).toFixed(1)},${yOf(lower[i]).toFixed(1)}`, `${xOf(s).toFixed(1)},${yOf(lower[i]).toFixed(1)}`);
       }
-      areas += `<polygon points="${pts.join(" ")}" style="fill:${JOB_COLOUR_VAR[JOB_ORDER[k]]}" class="area"/>`;
+      areas += `<polygon points="${pts.join(" ")}" class="area s-${JOB_CLASS[JOB_ORDER[k]]}"/>`;
     });
     run = [];
   };

@@ -32,16 +32,6 @@ export const JOB_CLASS: Record<number, string> = {
   [JobStateType.CANCELLED]: "cancelled",
 };
 
-// Chart colours must match style.css's --s-* variables; SVG fills read them through var().
-export const JOB_COLOUR_VAR: Record<number, string> = {
-  [JobStateType.NEW]: "var(--s-new)",
-  [JobStateType.QUEUED]: "var(--s-queued)",
-  [JobStateType.IN_PROGRESS]: "var(--s-progress)",
-  [JobStateType.COMPLETED]: "var(--s-completed)",
-  [JobStateType.ERROR]: "var(--s-error)",
-  [JobStateType.CANCELLED]: "var(--s-cancelled)",
-};
-
 export const TERMINAL_JOB = new Set([JobStateType.COMPLETED, JobStateType.ERROR, JobStateType.CANCELLED]);
 
 // Execution states in lifecycle order, in the words an operator uses.

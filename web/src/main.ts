@@ -99,13 +99,15 @@ for (const st of JOB_ORDER) {
 totalCard.addEventListener("click", () => table.clearStates());
 
 const chartBox = h("div", { class: "chart", id: "chart" });
+const chartTitle = h("h2", { id: "chart-title" }, "Last minute");
+const openedAt = Date.now();
 const rateNow = h("span", { class: "stat", id: "rate-now" }, "—");
 const legend = h("div", { class: "legend" });
 for (const st of JOB_ORDER) legend.append(h("span", { class: `key s-${JOB_CLASS[st]}` }, h("i"), jobName(st)));
 const chartPanel = h(
   "section",
   { class: "panel chart-panel" },
-  h("div", { class: "panel-head" }, h("h2", null, "Last 5 minutes"), rateNow, h("div", { class: "spacer" }), legend),
+  h("div", { class: "panel-head" }, chartTitle, rateNow, h("div", { class: "spacer" }), legend),
   chartBox,
 );
 
@@ -299,7 +301,10 @@ function tick(): void {
   }
   sync.rate.prune(now);
   if (!listView.hidden) {
-    const { lastRate, peak } = renderChart(chartBox, sync.rate, samples, now);
+    // The window grows with the page's age up to five minutes: a fresh page is not four-fifths empty chart.
+    const span = Math.min(WINDOW_SECONDS, Math.max(60, Math.ceil((now - openedAt) / 60_000) * 60));
+    chartTitle.textContent = span === 60 ? "Last minute" : `Last ${span / 60} minutes`;
+    const { lastRate, peak } = renderChart(chartBox, sync.rate, samples, now, span);
     rateNow.textContent = `${fmtInt(lastRate)} changes/s now · peak ${fmtInt(peak)}/s`;
   }
   // Times shown as "ago" and the reconnect countdown move on their own.

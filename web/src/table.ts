@@ -224,10 +224,10 @@ export class JobTable {
       let row = this.rows.get(j.jobId);
       if (!row || row.job !== j) {
         const fresh = this.row(j, now);
-        if (row && row.version !== j.version) {
-          fresh.tr.classList.add("flash");
-        } else if (!row && changed.has(j.jobId) && !all) {
-          fresh.tr.classList.add("flash");
+        if ((row && row.version !== j.version) || (!row && changed.has(j.jobId) && !all)) {
+          const tr = fresh.tr;
+          tr.classList.add("flash");
+          tr.addEventListener("animationend", () => tr.classList.remove("flash"), { once: true });
         }
         row = fresh;
         this.rows.set(j.jobId, row);
@@ -269,7 +269,7 @@ export class JobTable {
     const tr = h(
       "tr",
       { "data-job": j.jobId, "data-state": jobName(j.state), "data-version": j.version.toString() },
-      h("td", { class: "c-id" }, link),
+      h("td", { class: "c-id" }, link, h("span", { class: "only-narrow" }, pill(jobName(j.state), JOB_CLASS[j.state] ?? "muted"))),
       h("td", { class: "c-state" }, pill(jobName(j.state), JOB_CLASS[j.state] ?? "muted")),
       h("td", { class: "c-ver num" }, j.version.toString()),
       age,
