@@ -7,6 +7,7 @@ is relisted, and a server that wants a token says so. Every wait is on the page'
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -285,3 +286,46 @@ def test_screenshots_at_desktop_and_phone_width(make_web_server: Any, browser: A
         phone.close()
         demo.terminate()
         demo.wait(10)
+
+
+def test_compacted_resume_relists(make_web_server: Any, page: Any, tmp_path: Path) -> None:
+    # The server holds only the last 3 changes: a page away for more than that cannot resume and must relist.
+    server = make_web_server("--store", "sqlite", "--data-dir", str(tmp_path / "data"), "--history-size", "3")
+    with Client(server.target) as c:
+        c.create_job("c-0")
+    page.goto(server.url)
+    live(page)
+    server.stop()
+    expect(page.locator("#conn")).to_have_attribute("data-state", "reconnecting", timeout=SLOW)
+    server.start()
+    with Client(server.target) as c:
+        for i in range(1, 9):
+            c.create_job(f"c-{i}")
+        head = c.update_job_state("c-0", "queued").revision
+    expect(page.locator("#conn-log")).to_contain_text("no longer held", timeout=SLOW)
+    expect(page.locator("#conn-log")).to_contain_text("relisted")
+    expect(page.locator("#conn-text")).to_have_text(f"Live · revision {head}", timeout=SLOW)
+    expect(page.locator("#jobs-body tr")).to_have_count(9)
+    shows(page, "c-0", version=2, state="QUEUED")
+
+
+def test_a_silent_server_is_not_shown_as_live(make_web_server: Any, page: Any) -> None:
+    # A frozen server keeps its sockets open: only the missing progress bookmarks tell. The page must stop
+    # claiming "live" and say why, then come back when the server does.
+    server = make_web_server()
+    with Client(server.target) as c:
+        c.create_job("s-0")
+    page.goto(server.url)
+    live(page)
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        expect(page.locator("#conn")).to_have_attribute("data-state", "reconnecting", timeout=SLOW)
+        expect(page.locator("#banner")).to_contain_text("no message from the server")
+        expect(page.locator("#main")).to_have_class(re.compile(r"\bstale\b"))
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    live(page)
+    with Client(server.target) as c:
+        c.update_job_state("s-0", "queued")
+    shows(page, "s-0", version=2, state="QUEUED")
