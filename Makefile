@@ -86,6 +86,12 @@ $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
 
 bench: $(VENV)/.bench-installed
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) -m bench $(if $(filter-out 0,$(QUICK)),--quick) $(BENCH_ARGS)
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) -m bench.vs_http $(if $(filter-out 0,$(QUICK)),--quick --runs 1)
+
+# Only the HTTP-next-to-gRPC rows (bench/http.py): three runs on fresh servers, median and spread.
+.PHONY: bench-http
+bench-http: $(VENV)/.bench-installed
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) -m bench.vs_http $(if $(filter-out 0,$(QUICK)),--quick --runs 1) $(BENCH_HTTP_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache build *.egg-info
