@@ -202,7 +202,7 @@ class HttpApp:
                 ),
             )
             return
-        await self.api(scope, receive, send)
+        await self.api(scope, receive, send_with_length(send))
 
     async def _static_file(self, scope: Scope, send: Send, path: str) -> None:
         if scope["method"] not in ("GET", "HEAD"):
@@ -257,6 +257,27 @@ def _headers(scope: Scope) -> dict[str, str]:
     for key, value in scope.get("headers", ()):
         out.setdefault(key.decode("latin-1"), value.decode("latin-1"))
     return out
+
+
+def send_with_length(send: Send) -> Send:
+    """A response sent whole (a unary call's) gets a Content-Length instead of chunked framing: one write fewer
+    a call, and a length curl shows. A streamed response is passed on as it comes."""
+    held: Message | None = None
+
+    async def send_sized(message: Message) -> None:
+        nonlocal held
+        kind = message["type"]
+        if kind == "http.response.start":
+            held = message
+            return
+        if held is not None:
+            start, held = held, None
+            if kind == "http.response.body" and not message.get("more_body", False):
+                start["headers"] = [*start.get("headers", ()), (b"content-length", str(len(message["body"])).encode())]
+            await send(start)
+        await send(message)
+
+    return send_sized
 
 
 def _with_cors(send: Send, origin: str) -> Send:
