@@ -256,15 +256,28 @@ function route(): void {
 }
 window.addEventListener("hashchange", route);
 
-// --- rendering: at most one frame per animation frame, and a clock tick each second --------------------------
+// --- rendering: coalesced, paced by its own cost, and a clock tick each second -------------------------------
 
+const perf = { lastRender: 0, renderMs: 0 };
+
+// A busy stream changes jobs hundreds of times a second; the page draws what is current at most every 50 ms,
+// less often when a draw is expensive (a large table), and never later than half a second after a change.
 function queueRender(): void {
   if (renderQueued) return;
   renderQueued = true;
-  requestAnimationFrame(() => {
-    renderQueued = false;
-    render();
-  });
+  const gap = Math.min(500, Math.max(50, perf.renderMs * 4));
+  const wait = Math.max(0, perf.lastRender + gap - performance.now());
+  setTimeout(
+    () =>
+      requestAnimationFrame(() => {
+        renderQueued = false;
+        const t0 = performance.now();
+        render();
+        perf.lastRender = performance.now();
+        perf.renderMs = perf.lastRender - t0;
+      }),
+    wait,
+  );
 }
 
 function render(): void {
@@ -296,6 +309,10 @@ function tick(): void {
         if (k >= 0) counts[k] += 1;
       }
     }
+    // A busy page can miss a tick: seconds skipped between two live samples were live too (the stream says so),
+    // and are drawn with the earlier counts rather than as a gap that would read "not live".
+    const last = samples[samples.length - 1];
+    if (last?.counts && counts) for (let s = last.sec + 1; s < sec; s++) samples.push({ sec: s, counts: last.counts });
     samples.push({ sec, counts });
     while (samples.length && samples[0].sec < sec - WINDOW_SECONDS) samples.shift();
   }
@@ -320,4 +337,4 @@ setInterval(tick, 1000);
 window.addEventListener("resize", () => tick());
 
 // For the browser tests and a curious operator's console: the page's own view of its stream.
-Object.assign(window, { jobstate: { sync } });
+Object.assign(window, { jobstate: { sync, perf } });

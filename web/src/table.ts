@@ -5,7 +5,7 @@ import { JOB_CLASS, JOB_NAMES, JOB_ORDER, ago, execCounts, fmtInt, h, jobName, m
 import type { JobSync } from "./sync";
 
 // Past this many rows the table asks for a filter: a page that draws 100,000 rows is a page nobody can read.
-const MAX_ROWS = 500;
+const MAX_ROWS = 200;
 
 type SortKey = "changed" | "created" | "id" | "state" | "version";
 const COLUMNS: [SortKey | null, string, string][] = [
@@ -219,12 +219,15 @@ export class JobTable {
     const visible = shown.slice(0, MAX_ROWS);
     const keep = new Set<string>();
     const order: HTMLTableRowElement[] = [];
+    // A few changed rows flash to catch the eye; a table that changes everywhere at once does not (it would be
+    // noise, and animating hundreds of rows costs more than drawing them).
+    const flash = changed.size <= 25;
     for (const j of visible) {
       keep.add(j.jobId);
       let row = this.rows.get(j.jobId);
       if (!row || row.job !== j) {
         const fresh = this.row(j, now);
-        if ((row && row.version !== j.version) || (!row && changed.has(j.jobId) && !all)) {
+        if (flash && ((row && row.version !== j.version) || (!row && changed.has(j.jobId) && !all))) {
           const tr = fresh.tr;
           tr.classList.add("flash");
           tr.addEventListener("animationend", () => tr.classList.remove("flash"), { once: true });
@@ -281,8 +284,11 @@ export class JobTable {
 
   tick(now: number): void {
     for (const row of this.rows.values()) {
-      row.age.textContent = ago(now - millis(row.job.createTime));
-      row.changed.textContent = `${ago(now - millis(row.job.updateTime))} ago`;
+      // Only a text that changed is written: an unchanged write still costs a layout.
+      const age = ago(now - millis(row.job.createTime));
+      const changed = `${ago(now - millis(row.job.updateTime))} ago`;
+      if (row.age.textContent !== age) row.age.textContent = age;
+      if (row.changed.textContent !== changed) row.changed.textContent = changed;
     }
   }
 }
