@@ -242,6 +242,7 @@ def test_token_protected_server_without_a_token_shows_the_error(
     expect(page.locator("#banner")).to_contain_text("this server needs a token")
     expect(page.locator("#token-form")).to_be_visible()
     expect(page.locator("#jobs-body tr")).to_have_count(0)
+    screenshot(page, "dashboard-token.png")
 
     page.fill("#token-input", "not-a-token-9999999999")
     page.click("#token-save")
@@ -334,3 +335,27 @@ def test_a_silent_server_is_not_shown_as_live(make_web_server: Any, page: Any) -
     with Client(server.target) as c:
         c.update_job_state("s-0", "queued")
     shows(page, "s-0", version=2, state="QUEUED")
+
+
+def test_a_revoked_token_ends_live_with_the_servers_error(make_web_server: Any, page: Any, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("reader-token-0123456789 reader alice\nwriter-token-0123456789 writer bob\n")
+    server = make_web_server("--auth-tokens", str(tokens))
+    with Client(server.target, token="writer-token-0123456789") as c:
+        c.create_job("kept-1")
+    page.goto(server.url)
+    expect(page.locator("#token-form")).to_be_visible(timeout=SLOW)
+    page.fill("#token-input", "reader-token-0123456789")
+    page.click("#token-save")
+    live(page)
+    expect(row(page, "kept-1")).to_be_visible()
+
+    # The operator revokes alice's token and reloads: her open watch ends, and the page must say why.
+    tokens.write_text("writer-token-0123456789 writer bob\n")
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGHUP)
+    expect(page.locator("#conn")).to_have_attribute("data-state", "error", timeout=SLOW)
+    expect(page.locator("#conn-text")).to_have_text(re.compile(r"^(UNAUTHENTICATED|PERMISSION_DENIED)"))
+    expect(page.locator("#banner")).to_contain_text("the token in this tab was refused")
+    expect(page.locator("#banner")).to_contain_text("Not live: showing the jobs as of revision")
+    expect(page.locator("#main")).to_have_class(re.compile(r"\bstale\b"))

@@ -284,9 +284,11 @@ function render(): void {
   const now = Date.now();
   const counts = new Map<number, number>();
   for (const j of sync.jobs.values()) counts.set(j.state, (counts.get(j.state) ?? 0) + 1);
-  (totalCard.firstChild as HTMLElement).textContent = fmtInt(sync.jobs.size);
+  // Before the first complete snapshot the counts are unknown, not zero.
+  const known = sync.currentAt > 0;
+  (totalCard.firstChild as HTMLElement).textContent = known ? fmtInt(sync.jobs.size) : "—";
   for (const [st, card] of countCards) {
-    (card.firstChild as HTMLElement).textContent = fmtInt(counts.get(st) ?? 0);
+    (card.firstChild as HTMLElement).textContent = known ? fmtInt(counts.get(st) ?? 0) : "—";
     card.classList.toggle("on", table.states.has(st));
   }
   totalCard.classList.toggle("on", table.states.size === 0);
@@ -322,7 +324,10 @@ function tick(): void {
     const span = Math.min(WINDOW_SECONDS, Math.max(60, Math.ceil((now - openedAt) / 60_000) * 60));
     chartTitle.textContent = span === 60 ? "Last minute" : `Last ${span / 60} minutes`;
     const { lastRate, peak } = renderChart(chartBox, sync.rate, samples, now, span);
-    rateNow.textContent = `${fmtInt(lastRate)} changes/s now · peak ${fmtInt(peak)}/s`;
+    rateNow.textContent =
+      sync.state.kind === "live"
+        ? `${fmtInt(lastRate)} changes/s now · peak ${fmtInt(peak)}/s`
+        : `not live · peak ${fmtInt(peak)}/s`;
   }
   // Times shown as "ago" and the reconnect countdown move on their own.
   if (sync.state.kind !== "live") showConn(sync.state);

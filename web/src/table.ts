@@ -55,7 +55,7 @@ export class JobTable {
       autocomplete: "off",
       spellcheck: "false",
     });
-    this.nodeSelect = h("select", { id: "filter-node", "aria-label": "filter by node" });
+    this.nodeSelect = h("select", { id: "filter-node", "aria-label": "filter by node" }, h("option", { value: "" }, "All nodes"));
     this.search.addEventListener("input", () => {
       this.text = this.search.value.trim();
       this.toHash();
@@ -247,16 +247,22 @@ export class JobTable {
     const total = this.sync.jobs.size;
     this.empty.hidden = shown.length > 0;
     if (!shown.length) {
+      const s = this.sync.state.kind;
       this.empty.textContent =
-        total === 0
-          ? this.sync.state.kind === "live"
+        total > 0
+          ? `No job matches the filters (${fmtInt(total)} jobs in all).`
+          : s === "live"
             ? "No jobs yet. Create one: jobstate create job-1"
-            : "No jobs to show yet."
-          : `No job matches the filters (${fmtInt(total)} jobs in all).`;
+            : this.sync.currentAt === 0
+              ? s === "error"
+                ? "Nothing to show: the server refused the watch (above)."
+                : "Loading the jobs…"
+              : "No jobs (when last live).";
     }
     const filtered = shown.length !== total;
-    this.footer.textContent =
-      shown.length > MAX_ROWS
+    this.footer.textContent = !this.sync.currentAt
+      ? ""
+      : shown.length > MAX_ROWS
         ? `Showing the ${fmtInt(MAX_ROWS)} most relevant of ${fmtInt(shown.length)} matching jobs — narrow with the filters.`
         : `${fmtInt(shown.length)} ${filtered ? `of ${fmtInt(total)} ` : ""}jobs`;
   }
