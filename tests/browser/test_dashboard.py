@@ -155,6 +155,12 @@ def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any, 
         page.locator("a.back").click()
         live(page)
         expect(row(page, "job-h")).to_have_attribute("data-state", "COMPLETED")
+        # A link straight to a job that does not exist says so, at the revision it was checked.
+        page.goto(f"{server.url}#/job/nope")
+        live(page)
+        expect(page.locator(".job-page .empty.big")).to_have_text(f"No job “nope” at revision {done.revision}.")
+        # Quiet stretches kept the stream alive (progress bookmarks): it never dropped during this test.
+        expect(page.locator("#conn-log")).not_to_contain_text("reconnecting")
 
 
 def test_restart_goes_reconnecting_then_live_with_nothing_missed(
