@@ -142,7 +142,7 @@ function showConn(s: ConnState): void {
       break;
     }
     case "relisting":
-      text = "Relisting after compaction";
+      text = `Relisting · ${s.cause}`;
       break;
     case "error":
       text = `${s.error.code}${s.error.reason && s.error.reason !== s.error.code ? ` (${s.error.reason})` : ""}`;

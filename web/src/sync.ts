@@ -17,6 +17,8 @@ export const STORE_ID_HEADER = "jobstate-store-id";
 // TCP says (a suspended laptop, a proxy that holds the socket open).
 const PROGRESS_SECONDS = 1n;
 const SILENCE_MS = 4000;
+// Before the first message the server may be building a large snapshot or replaying a long catch-up.
+const FIRST_MESSAGE_MS = 15000;
 const BACKOFF_MS = [250, 500, 1000, 2000, 4000];
 const AUTH_RETRY_MS = 15000;
 
@@ -85,7 +87,8 @@ export class JobSync {
   /** Start again from a fresh snapshot (a new token may see other jobs, or none). */
   restart(why: string): void {
     this.synced = false;
-    this.relistCause = why;
+    // Before any snapshot there is nothing to relist: it is still the first load.
+    this.relistCause = this.currentAt > 0 ? why : "";
     this.controller?.abort(new Restart(why));
     this.wake?.();
   }
@@ -125,11 +128,11 @@ export class JobSync {
       const controller = new AbortController();
       this.controller = controller;
       let silenceTimer = 0;
-      const kick = () => {
+      const kick = (ms: number) => {
         clearTimeout(silenceTimer);
         silenceTimer = window.setTimeout(
-          () => controller.abort(new Silence(`no message from the server for ${SILENCE_MS / 1000} s`)),
-          SILENCE_MS,
+          () => controller.abort(new Silence(`no message from the server for ${ms / 1000} s`)),
+          ms,
         );
       };
       let pending: Map<string, JobState> | null = null;
@@ -148,7 +151,7 @@ export class JobSync {
       let cause = "the server ended the stream";
       let immediate = false;
       try {
-        kick();
+        kick(FIRST_MESSAGE_MS);
         let seenStore = "";
         const stream = this.client.watch(request, {
           signal: controller.signal,
@@ -158,7 +161,7 @@ export class JobSync {
           },
         });
         for await (const res of stream) {
-          kick();
+          kick(SILENCE_MS);
           if (seenStore && this.storeId && seenStore !== this.storeId && resuming) {
             throw new StoreChanged(`the server's store changed (${this.storeId} → ${seenStore})`);
           }
