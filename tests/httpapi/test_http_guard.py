@@ -258,3 +258,15 @@ def test_requests_are_counted_by_protocol(make_http: Any) -> None:
         assert time.monotonic() < deadline, "the closed gRPC-Web Watch was not counted"
         time.sleep(0.02)
     assert count(method="Watch", code="CANCELLED", protocol="grpc-web") == 1
+
+
+def test_dead_peers_are_probed(make_http: Any) -> None:
+    """HTTP/1.1 has no pings: TCP keepalive (copied to each accepted connection) finds a vanished watcher."""
+    import socket
+
+    http = make_http(keepalive_seconds=7, keepalive_timeout_seconds=6)
+    sock = http.thread.app.http.socket
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 2
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3

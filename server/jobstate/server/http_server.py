@@ -73,6 +73,10 @@ class HttpConfig:
     allowed_hosts: tuple[str, ...] = ()
     max_connections: int = 1000
     max_message_bytes: int = 8 * 1024 * 1024
+    # TCP keepalive on every connection (HTTP/1.1 has no pings): a peer gone without a FIN is found within
+    # keepalive + keepalive_timeout seconds, and its watch streams released, as over gRPC.
+    keepalive_seconds: float = 30.0
+    keepalive_timeout_seconds: float = 10.0
 
 
 def _host_name(host_header: str) -> str:
@@ -346,6 +350,20 @@ class HttpTls:
         return True
 
 
+def _keepalive(sock: socket.socket, idle: float, timeout: float) -> None:
+    """TCP keepalive for the connections accepted on ``sock`` (Linux copies these options to them)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    probes = 3
+    for name, value in (
+        ("TCP_KEEPIDLE", max(1, int(idle))),
+        ("TCP_KEEPINTVL", max(1, int(timeout / probes))),
+        ("TCP_KEEPCNT", probes),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:  # not every platform has all three
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server without its signal handlers: it shares the loop, and the process's signals, with grpc."""
 
@@ -367,6 +385,7 @@ class HttpListener:
         except OSError as exc:
             raise OSError(f"cannot listen on {config.host}:{config.port} (HTTP): {exc.strerror or exc}") from exc
         self.port = int(self.socket.getsockname()[1])
+        _keepalive(self.socket, config.keepalive_seconds, config.keepalive_timeout_seconds)
         uv = uvicorn.Config(
             app,
             # h11, not httptools: h11 takes the header bound below (httptools cut the server's CPU a unary call

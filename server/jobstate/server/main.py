@@ -288,6 +288,8 @@ def build_http(config: ServerConfig, service: JobStateService, security: Securit
         allowed_hosts=config.http_allowed_hosts,
         max_connections=config.http_max_connections,
         max_message_bytes=config.max_message_bytes,
+        keepalive_seconds=config.keepalive_seconds,
+        keepalive_timeout_seconds=config.keepalive_timeout_seconds,
     )
     tls = None
     if config.tls_cert is not None and config.tls_key is not None:
