@@ -69,6 +69,10 @@ def test_error_rows_over_connect(
     assert info.domain == "jobstate"
     for key, value in metadata.items():
         assert info.metadata[key] == value, (key, dict(info.metadata))
+    # For a person reading curl's output, the same ErrorInfo decoded ("debug", optional in Connect).
+    debug = err["details"][0]["debug"]
+    assert debug["reason"] == reason
+    assert debug.get("metadata", {}) == dict(info.metadata)
     assert http.revision() == revision
     assert http.grpc.GetJob(spb.GetJobRequest(job_id="j1")).job.version == 2
 

@@ -23,6 +23,7 @@ keep-alive. TLS uses the same certificate and key as gRPC, in one ``ssl.SSLConte
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ipaddress
 import json
@@ -36,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from google.protobuf import json_format
+from google.protobuf import message as protobuf_message
+from google.rpc import error_details_pb2
 
 from jobstate.server.service import SERVICE_NAME, STORE_ID_KEY
 
@@ -263,9 +267,32 @@ def _headers(scope: Scope) -> dict[str, str]:
     return out
 
 
+# Error details a person reading curl's output is shown decoded, in the Connect error's optional "debug" field.
+_DEBUG_DETAILS: dict[str, type[protobuf_message.Message]] = {
+    "google.rpc.ErrorInfo": error_details_pb2.ErrorInfo,
+    "google.rpc.RetryInfo": error_details_pb2.RetryInfo,
+}
+
+
+def with_debug(body: bytes) -> bytes:
+    """A Connect error body whose ErrorInfo and RetryInfo details also carry their JSON form as ``debug``."""
+    try:
+        doc = json.loads(body)
+        for detail in doc.get("details", ()):
+            kind = _DEBUG_DETAILS.get(detail.get("type", ""))
+            if kind is not None and "debug" not in detail:
+                value = detail["value"]
+                decoded = kind.FromString(base64.b64decode(value + "=" * (-len(value) % 4)))
+                detail["debug"] = json_format.MessageToDict(decoded)
+    except (ValueError, TypeError, AttributeError, KeyError, protobuf_message.DecodeError):
+        return body  # not the error body expected: sent as it is
+    return json.dumps(doc).encode()
+
+
 def send_with_length(send: Send) -> Send:
-    """A response sent whole (a unary call's) gets a Content-Length instead of chunked framing: one write fewer
-    a call, and a length curl shows. A streamed response is passed on as it comes."""
+    """A response sent whole (a unary call's) gets a Content-Length instead of chunked framing (one write fewer a
+    call, and a length curl shows), and an error's details their ``debug`` form. A streamed response is passed on
+    as it comes."""
     held: Message | None = None
 
     async def send_sized(message: Message) -> None:
@@ -277,7 +304,10 @@ def send_with_length(send: Send) -> Send:
         if held is not None:
             start, held = held, None
             if kind == "http.response.body" and not message.get("more_body", False):
-                start["headers"] = [*start.get("headers", ()), (b"content-length", str(len(message["body"])).encode())]
+                body = message["body"]
+                if start["status"] >= 400 and (b"content-type", b"application/json") in start.get("headers", ()):
+                    body = message["body"] = with_debug(body)
+                start["headers"] = [*start.get("headers", ()), (b"content-length", str(len(body)).encode())]
             await send(start)
         await send(message)
 
