@@ -12,6 +12,7 @@ measures send-to-receipt latency the same way on both sides.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -210,6 +211,103 @@ class Jobstate(Backend):
         raise RuntimeError("watch ended before its bookmark")
 
 
+class JobstateConnect(Backend):
+    """jobstate over its HTTP listener: the Connect protocol from connectrpc's generated client (gen/), JSON or
+    binary, on HTTP/1.1 (pyqwest). ``target`` is the listener's base URL. Same calls as ``Jobstate``."""
+
+    name = "jobstate-connect"
+
+    def __init__(self, target: str, json: bool) -> None:
+        from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
+
+        from jobstate.v1.job_state_service_connect import JobStateServiceClient
+
+        codec = google_protobuf_json_codec() if json else google_protobuf_binary_codec()
+        # No compression either way: gRPC sends these messages uncompressed too.
+        self.client = JobStateServiceClient(target, codec=codec, send_compression=None, accept_compression=())
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def create(self, job_id: str, executions: int = 0) -> Token:
+        r = await self.client.create_job(spb.CreateJobRequest(job_id=job_id))
+        token = Token(r.job.version)
+        for i in range(executions):
+            token = await self.add_execution(job_id, token, f"node-{i}")
+        return token
+
+    async def add_execution(self, job_id: str, token: Token, node: str) -> Token:
+        r = await self.client.create_execution(
+            spb.CreateExecutionRequest(
+                job_id=job_id,
+                execution=pb.ExecutionState(
+                    node_id=node, desired_state=pb.ExecutionDesiredState.EXECUTION_DESIRED_STATE_RUNNING
+                ),
+            )
+        )
+        return Token(r.job.version)
+
+    async def cas(self, job_id: str, token: Token, new_state: int) -> Token:
+        from connectrpc.code import Code
+        from connectrpc.errors import ConnectError
+
+        try:
+            r = await self.client.update_job_state(
+                spb.UpdateJobStateRequest(
+                    job_id=job_id,
+                    new_state=new_state,  # type: ignore[arg-type]
+                    condition=spb.JobCondition(expected_version=token.version),
+                )
+            )
+        except ConnectError as exc:
+            if exc.code != Code.ABORTED:
+                raise
+            info = error_details_pb2.ErrorInfo.FromString(exc.details[0].message_bytes)
+            raise Conflict(Token(int(info.metadata["current_version"]))) from None
+        return Token(r.job.version)
+
+    async def touch(self, job_id: str, token: Token) -> Token:
+        r = await self.client.update_execution(
+            spb.UpdateExecutionRequest(
+                job_id=job_id,
+                compute_reference=f"{job_id}-e0",
+                execution=pb.ExecutionState(status=str(time.time_ns())),
+            )
+        )
+        return Token(r.job.version)
+
+    async def create_watched(self, job_id: str) -> Token:
+        await self.client.create_job(spb.CreateJobRequest(job_id=job_id))
+        r = await self.client.create_execution(
+            spb.CreateExecutionRequest(
+                job_id=job_id, execution=pb.ExecutionState(node_id="node-0", compute_reference=f"{job_id}-e0")
+            )
+        )
+        return Token(r.job.version)
+
+    async def get_version(self, job_id: str) -> Token:
+        r = await self.client.get_job(spb.GetJobRequest(job_id=job_id))
+        return Token(r.job.version)
+
+    async def head(self) -> int:
+        r = await self.client.list_jobs(spb.ListJobsRequest(page_size=1))
+        return r.revision
+
+    async def watch(self, job_id: str | None, start_revision: int) -> AsyncIterator[list[pb.JobState]]:
+        req = spb.WatchRequest(job_ids=[job_id] if job_id else [], start_revision=start_revision)
+        stream = self.client.watch(req)
+        try:
+            async for resp in stream:
+                if resp.events:
+                    self.last_revision = resp.events[-1].revision
+                    yield [e.job for e in resp.events]
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+
 def _current_version(exc: grpc.aio.AioRpcError) -> int:
     for key, value in exc.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
@@ -373,7 +471,10 @@ class Etcd(Backend):
 
 
 def make(name: str, target: str) -> Backend:
-    """The client of system ``name``: jobstate on any engine ("jobstate", "jobstate-sqlite", ...) or etcd."""
+    """The client of system ``name``: jobstate on any engine ("jobstate", "jobstate-sqlite", ...), jobstate over
+    its HTTP listener ("jobstate-connect-json", "jobstate-connect-proto": ``target`` is the base URL) or etcd."""
+    if name.startswith("jobstate-connect"):
+        return JobstateConnect(target, json=name.endswith("json"))
     return Jobstate(target) if name.startswith("jobstate") else Etcd(target)
 
 
@@ -382,6 +483,8 @@ async def get_token(b: Backend, job_id: str) -> Token:
     if isinstance(b, Jobstate):
         r = await b.stub.GetJob(spb.GetJobRequest(job_id=job_id))
         return Token(r.job.version)
+    if isinstance(b, JobstateConnect):
+        return await b.get_version(job_id)
     assert isinstance(b, Etcd)
     rr = await b.kv.Range(erpc.RangeRequest(key=b._key(job_id)))
     return Token(rr.kvs[0].mod_revision, pb.JobState.FromString(rr.kvs[0].value))

@@ -94,11 +94,11 @@ class Procs:
     uv: bool
     running: list[tuple[Any, Any]] = field(default_factory=list)
 
-    def spawn(self, name: str, p: dict[str, Any], index: int = 0) -> None:
+    def spawn(self, name: str, p: dict[str, Any], index: int = 0, via: tuple[str, str] | None = None) -> None:
+        """Starts client process ``name``; ``via`` (system, target) overrides the run's own."""
+        system, target = via or (self.system, self.target)
         parent, child = CTX.Pipe(duplex=False)
-        proc = CTX.Process(
-            target=entry, args=(name, self.system, self.target, p, self.sync, index, child, self.uv), daemon=True
-        )
+        proc = CTX.Process(target=entry, args=(name, system, target, p, self.sync, index, child, self.uv), daemon=True)
         proc.start()
         child.close()
         self.running.append((proc, parent))
@@ -240,7 +240,10 @@ def run_fanout(
     server_pids: tuple[int, ...],
     profile: bool = False,
     tag: str = "",
+    writer: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
+    """``writer`` (system, target): the writer's client when it is not the watchers' (the HTTP rows write over
+    gRPC, so only the watch path differs)."""
     single = mode == "single"
     pool = max(100, watchers) if single else 100
     run = f"fan-{mode}-{watchers}-{int(rate)}-{time.monotonic_ns()}"
@@ -256,6 +259,7 @@ def run_fanout(
             "fanout_writer",
             {**common, "rate": rate, "duration": sz.duration, "concurrency": sz.full_speed_lanes},
             nproc,
+            via=writer,
         )
         writer_proc, writer_conn = procs.running[-1]
         wait_until(lambda: sync.t_start.value != 0 or not writer_proc.is_alive(), 180, "fan-out warm-up")

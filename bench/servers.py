@@ -103,7 +103,9 @@ class Server:
         target: str,
         helpers: tuple[int, ...] = (),
         data_dir: Path | None = None,
+        http_url: str = "",
     ) -> None:
+        self.http_url = http_url  # the HTTP listener's base URL, when started with one
         self.name = name
         self.proc = proc
         self.target = target
@@ -128,7 +130,7 @@ class Server:
 
 @contextlib.contextmanager
 def jobstate_server(
-    history_size: int, uvloop: bool = False, source: Path | None = None, store: str = "memory"
+    history_size: int, uvloop: bool = False, source: Path | None = None, store: str = "memory", http: bool = False
 ) -> Iterator[Server]:
     """The server as ``jobstate serve`` starts it; from ``source`` (an exported tree) instead of this one if set.
 
@@ -152,6 +154,9 @@ def jobstate_server(
         if source is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(source / d) for d in ("server", "client", "gen")] + [str(REPO)])
         args = ["--host", HOST, "--port", str(port), "--history-size", str(history_size), *engine]
+        http_port = free_port() if http else 0
+        if http:
+            args += ["--http-port", str(http_port)]
         # The harness's own launcher installs uvloop's event loop before the server starts; otherwise the
         # server runs exactly as a user starts it.
         module = ["-m", "bench.uvserve"] if uvloop else ["-m", "jobstate", "serve"]
@@ -159,8 +164,10 @@ def jobstate_server(
         proc = subprocess.Popen([sys.executable, *module, *args], cwd=REPO, stdout=log, stderr=log, env=env)
         try:
             _wait_port(port, proc)
+            if http:
+                _wait_port(http_port, proc)
             name = "jobstate" if store == "memory" else f"jobstate-{store}"
-            yield Server(name, proc, f"{HOST}:{port}", helpers, data_dir)
+            yield Server(name, proc, f"{HOST}:{port}", helpers, data_dir, f"http://{HOST}:{http_port}" if http else "")
         finally:
             _stop(proc)
             if proc.returncode not in (0, -signal.SIGTERM):

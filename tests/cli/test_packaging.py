@@ -67,6 +67,9 @@ def test_wheel_contents(wheel: Path) -> None:
         assert f"jobstate/client/{module}.py" in names
     for module in ("main", "service", "store", "hub", "rules", "changes", "errors", "metrics"):
         assert f"jobstate/server/{module}.py" in names
+    # The dashboard's built bundle ships with the server: pip install needs no Node.
+    for asset in ("index.html", "app.js", "app.css"):
+        assert f"jobstate/server/static/{asset}" in names
     # Nothing from outside the packages: no tests, benchmarks or caches.
     assert not [n for n in names if n.startswith(("tests/", "bench/")) or "__pycache__" in n]
 

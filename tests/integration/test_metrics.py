@@ -38,7 +38,9 @@ def scrape(port: int) -> Samples:
 
 
 def get(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The samples of ``name`` with these labels, added up over the labels not named (e.g. ``protocol``)."""
+    want = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and want <= set(have))
 
 
 def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:

@@ -303,6 +303,11 @@ def cmd_serve(ctx: Context) -> int:
         retain_finished=a.retain_finished,
         keepalive_seconds=a.keepalive,
         keepalive_timeout_seconds=a.keepalive_timeout,
+        http_port=a.http_port,
+        http_host=a.http_host,
+        cors_origins=tuple(a.cors_origin or ()),
+        http_allowed_hosts=tuple(a.http_allowed_host or ()),
+        http_max_connections=a.http_max_connections,
     )
     try:
         return run(config)
@@ -724,6 +729,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="directory of the sqlite store's database (created if missing)")
     p.add_argument("--etcd-endpoints", default="", metavar="URL[,URL...]", help="etcd members for --store etcd")
     p.add_argument("--etcd-prefix", default="/jobstate", help="key prefix of the jobs in etcd")
+    g = p.add_argument_group("HTTP: Connect, gRPC-Web, JSON and the dashboard")
+    g.add_argument(
+        "--http-port",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="serve HTTP on this port too (0: a free one; off by default; `make run` uses 8080)",
+    )
+    g.add_argument("--http-host", default="127.0.0.1", help="address of the HTTP listener")
+    g.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser origin (https://app.example:8443) allowed to call the API; repeatable; none by default",
+    )
+    g.add_argument(
+        "--http-allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a Host header name answered besides loopback and --http-host (DNS rebinding guard); repeatable",
+    )
+    g.add_argument(
+        "--http-max-connections",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="HTTP connections and requests at once; over it: 503",
+    )
     g = p.add_argument_group("security (SECURITY.md)")
     g.add_argument(
         "--tls-cert",

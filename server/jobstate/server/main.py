@@ -1,9 +1,10 @@
 """Building and running the server process.
 
-``build_server(config)`` assembles a ready ``App`` (grpc.aio server, store, health, reflection) bound to its
-port but not started, so tests start a real server on port 0. ``serve(config)`` runs it until SIGTERM or
-SIGINT, then shuts down gracefully: health turns NOT_SERVING, watch streams end with UNAVAILABLE /
-SHUTTING_DOWN, in-flight calls get ``grace`` seconds to finish, and the process exits 0.
+``build_server(config)`` assembles a ready ``App`` (grpc.aio server, store, health, reflection, and with
+``http_port`` the HTTP listener: Connect, gRPC-Web and the dashboard) bound to its ports but not started, so
+tests start a real server on port 0. ``serve(config)`` runs it until SIGTERM or SIGINT, then shuts down
+gracefully: health turns NOT_SERVING, watch streams (gRPC and HTTP) end with UNAVAILABLE / SHUTTING_DOWN,
+in-flight calls get ``grace`` seconds to finish, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from grpc_health.v1._async import HealthServicer  # health.aio, spelled so type 
 from grpc_reflection.v1alpha import reflection
 
 from jobstate.server import engines, rules
+from jobstate.server.grpc_door import GrpcDoor
+from jobstate.server.http_door import HttpDoor, asgi_app
+from jobstate.server.http_server import HttpApp, HttpConfig, HttpListener, HttpTls
 from jobstate.server.hub import DEFAULT_HISTORY_BYTES
 from jobstate.server.metrics import Metrics, Observers
 from jobstate.server.security import SecurityConfig, SecurityInterceptor, ServerTls, client_share
@@ -85,6 +89,14 @@ class ServerConfig:
     # Seconds a job stays after reaching a final state before it is removed (DELETED, cause RETENTION);
     # 0: finished jobs are kept until a client deletes them.
     retain_finished: float = 24 * 3600.0
+    # The HTTP listener (Connect, gRPC-Web, the dashboard): on http_host:http_port (0: a free port); None: off.
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
+    # Browser origins allowed to call the API across origins (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
+    # Host header names answered besides the loopback names and http_host (DNS rebinding guard).
+    http_allowed_hosts: tuple[str, ...] = ()
+    http_max_connections: int = 1000
 
 
 @dataclass
@@ -100,6 +112,7 @@ class App:
     security: SecurityInterceptor | None = None
     service: JobStateService | None = None
     tls: ServerTls | None = None
+    http: HttpListener | None = None
     # time.monotonic() when grpc's own server.stop began; from then on grpc core, not the service, answers
     # calls that reach the server, and a call still on its way is answered CANCELLED (docs: shutdown).
     transport_stop_started: float | None = None
@@ -113,11 +126,26 @@ class App:
             self.security.reload()
         if self.tls is not None:
             self.tls.reload()
+        if self.http is not None and self.http.tls is not None:
+            self.http.tls.reload()
 
     @property
     def target(self) -> str:
         host = self.config.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP listener's bound port, or None when it is off."""
+        return None if self.http is None else self.http.port
+
+    @property
+    def http_url(self) -> str | None:
+        if self.http is None:
+            return None
+        host = self.http.config.host
+        scheme = "https" if self.http.tls is not None else "http"
+        return f"{scheme}://[{host}]:{self.http.port}" if ":" in host else f"{scheme}://{host}:{self.http.port}"
 
     @property
     def metrics_port(self) -> int | None:
@@ -130,6 +158,8 @@ class App:
             await self.metrics.start(self.config.host, self.config.metrics_port)
         await self.store.start()
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(sweep_timeouts(self.store), name="timeout-sweeper")
@@ -157,7 +187,11 @@ class App:
             await settle(self.service, deadline)
         if self.transport_stop_started is None:
             self.transport_stop_started = time.monotonic()
-        await self.server.stop(max(0.0, deadline - loop.time()))
+        left = max(0.0, deadline - loop.time())
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(left), self.http.stop(left))
+        else:
+            await self.server.stop(left)
         if self.security is not None:
             self.security.refusals.flush()  # the counts of the last interval, not lost with the process
         if self.metrics is not None:
@@ -320,7 +354,7 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
     service = JobStateService(store, observer)
     if security is not None:
         security.observer = observer
-    server.add_generic_rpc_handlers((service.handler(),))
+    server.add_generic_rpc_handlers((GrpcDoor(service).handler(),))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -334,7 +368,30 @@ def build_server(config: ServerConfig, store: Store | None = None, observer: Obs
         )
     except RuntimeError as exc:  # grpc reports a failed bind this way; say it as the OS would
         raise OSError(f"cannot listen on {address}: address in use or not available") from exc
-    return App(replace(config, port=port), server, port, store, health_servicer, metrics, security, service, tls)
+    http = build_http(config, service, security) if config.http_port is not None else None
+    return App(replace(config, port=port), server, port, store, health_servicer, metrics, security, service, tls, http)
+
+
+def build_http(config: ServerConfig, service: JobStateService, security: SecurityInterceptor | None) -> HttpListener:
+    """The HTTP listener over the same service and security layer as gRPC, bound but not started."""
+    if config.http_port is None:
+        raise ValueError("no HTTP port")
+    http_config = HttpConfig(
+        host=config.http_host,
+        port=config.http_port,
+        cors_origins=config.cors_origins,
+        allowed_hosts=config.http_allowed_hosts,
+        max_connections=config.http_max_connections,
+        max_message_bytes=config.max_message_bytes,
+        keepalive_seconds=config.keepalive_seconds,
+        keepalive_timeout_seconds=config.keepalive_timeout_seconds,
+    )
+    tls = None
+    refuse_unsafe(config, config.http_host, "HTTP ", tls=config.tls_cert is not None)
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = HttpTls(config.tls_cert, config.tls_key, config.tls_client_ca)
+    api = asgi_app(HttpDoor(service, security), config.max_message_bytes)
+    return HttpListener(HttpApp(api, http_config), http_config, tls)
 
 
 def with_client_shares(config: ServerConfig) -> ServerConfig:
@@ -367,25 +424,28 @@ def check_transport(config: ServerConfig) -> ServerTls | None:
         raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ValueError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key too")
+    refuse_unsafe(config, config.host, "", tls=config.tls_cert is not None)
     if config.tls_cert is not None and config.tls_key is not None:
-        if (
-            not is_loopback(config.host)
-            and not config.insecure
-            and config.auth_tokens_file is None
-            and config.tls_client_ca is None
-        ):
-            # TLS keeps eavesdroppers out, not callers: with no credential asked for, every caller is admin.
-            raise ValueError(
-                f"refusing to serve {config.host} with TLS but no client authentication: anyone who can reach it "
-                "could read and change every job. Give --auth-tokens or --tls-client-ca, or --insecure to accept that"
-            )
         return ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca)
-    if not is_loopback(config.host) and not config.insecure:
+    return None
+
+
+def refuse_unsafe(config: ServerConfig, host: str, what: str, *, tls: bool) -> None:
+    """Refuses to listen off loopback where anyone who can reach the port could read and change every job:
+    plaintext, or TLS that asks no caller for a credential (TLS keeps eavesdroppers out, not callers), unless
+    the operator says ``--insecure``. ``what`` names the listener ("" for gRPC, "HTTP ")."""
+    if is_loopback(host) or config.insecure:
+        return
+    if not tls:
         raise ValueError(
-            f"refusing to serve plaintext on {config.host}: anyone who can reach it could read and change every "
+            f"refusing to serve plaintext {what}on {host}: anyone who can reach it could read and change every "
             "job. Give --tls-cert and --tls-key (and --auth-tokens), or --insecure to accept that"
         )
-    return None
+    if config.auth_tokens_file is None and config.tls_client_ca is None:
+        raise ValueError(
+            f"refusing to serve {what}{host} with TLS but no client authentication: anyone who can reach it "
+            "could read and change every job. Give --auth-tokens or --tls-client-ca, or --insecure to accept that"
+        )
 
 
 class JsonFormatter(logging.Formatter):
@@ -455,6 +515,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
             "retain_finished": config.retain_finished or "forever",
             "max_history_per_job": config.limits.max_history_per_job or "unlimited",
             **({"metrics_port": app.metrics_port} if app.metrics_port is not None else {}),
+            **({"http_address": app.http_url} if app.http_url is not None else {}),
         },
     )
     stop = asyncio.Event()

@@ -17,9 +17,10 @@ separate numbers.
 
 Metric names (all prefixed ``jobstate_``):
 
-- ``requests_total{method,code}`` finished RPCs by method and status code name (``OK``, ``NOT_FOUND``...),
-  including calls the security layer refused (``UNAUTHENTICATED``, ``PERMISSION_DENIED``, rate limited);
-  a Watch stream counts once, when it ends.
+- ``requests_total{method,code,protocol}`` finished RPCs by method, status code name (``OK``, ``NOT_FOUND``...;
+  the gRPC name also for a call over HTTP) and protocol (``grpc``, ``connect``, ``grpc-web``), including calls
+  the security layer refused (``UNAUTHENTICATED``, ``PERMISSION_DENIED``, rate limited); a Watch stream counts
+  once, when it ends.
 - ``request_duration_seconds{method}`` latency histogram of the unary RPCs (a Watch's duration is its stream's
   lifetime, not a latency, so Watch is left out).
 - ``jobs{state}`` jobs by state (``NEW``, ``QUEUED``, ...); ``jobs_total`` does not exist, sum the states.
@@ -173,8 +174,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             f"{PREFIX}_requests",
-            "Finished RPCs by method and status code.",
-            ["method", "code"],
+            "Finished RPCs by method, status code and protocol (grpc, connect, grpc-web).",
+            ["method", "code", "protocol"],
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -203,8 +204,8 @@ class Metrics:
 
     # -- Observer --------------------------------------------------------------------------------------------
 
-    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        self.requests.labels(method, code.name).inc()
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float, protocol: str = "grpc") -> None:
+        self.requests.labels(method, code.name, protocol).inc()
         if method == "Watch":
             if code in _DROPPED:
                 self.watchers_dropped += 1
@@ -273,6 +274,6 @@ class Observers:
     def __init__(self, *observers: Observer) -> None:
         self.observers = observers
 
-    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float, protocol: str = "grpc") -> None:
         for o in self.observers:
-            o.observe(method, code, seconds)
+            o.observe(method, code, seconds, protocol)

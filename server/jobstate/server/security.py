@@ -9,6 +9,8 @@
 - ``SecurityInterceptor`` checks each call to ``jobstate.v1.JobStateService`` before the servicer sees it:
   who is calling (token or certificate), whether the role allows the method, the caller's write rate and
   its number of open watch streams. Health and reflection pass through untouched, so probes need nothing.
+  The decisions (``identify``, ``admit``, ``watch_slot``, ``watching``) take plain values, not grpc's call
+  context, so the HTTP door (``jobstate.server.http_door``) asks the same object the same questions.
   A reload of the tokens file checks every open watch stream again: one whose token (or certificate name) is
   no longer accepted ends with ``UNAUTHENTICATED``; the others go on.
 
@@ -26,7 +28,7 @@ import logging
 import ssl
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from jobstate.server import errors
-from jobstate.server.service import CALLER, SERVICE_NAME, Observer, to_status
+from jobstate.server.service import CALLER, SERVICE_NAME, Observer, to_status, wire_of
 
 log = logging.getLogger("jobstate.server.security")
 
@@ -346,16 +348,22 @@ def peer_host(peer: str) -> str:
     return peer
 
 
-def _bearer(metadata: Sequence[Any] | None) -> str | None:
+def _authorization(metadata: Sequence[Any] | None) -> str | None:
     for item in metadata or ():
         key, value = item[0], item[1]
         if key == "authorization":
-            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return ""  # present but not a bearer token: as bad as an unknown one
+            return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
     return None
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value; None without one, "" for any other scheme."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return ""  # present but not a bearer token: as bad as an unknown one
 
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -378,8 +386,8 @@ class _OpenStream:
     """A watch stream as a reload needs it: how its caller authenticated, and the task serving it."""
 
     method: str
-    metadata: Sequence[Any] | None
-    context: Context
+    # Asks again who the caller is (raises when its credential is no longer accepted).
+    recheck: Callable[[], Principal]
     task: asyncio.Task[Any] | None
     revoked: errors.JobStateError | None = None
     # True while the task waits for the service's next message. Only then may a reload cancel it: cancelled
@@ -441,7 +449,7 @@ class SecurityInterceptor(_Interceptor):
         ended = 0
         for stream in list(self.streams):
             try:
-                self.authorize(self.authenticate(stream.metadata, stream.context), stream.method)
+                self.authorize(stream.recheck(), stream.method)
             except errors.JobStateError as exc:
                 if stream.revoked is None:
                     stream.revoke(exc)  # ends it now if it waits, else when it next asks for a message
@@ -455,12 +463,17 @@ class SecurityInterceptor(_Interceptor):
     # -- checks --------------------------------------------------------------------------------------------
 
     def authenticate(self, metadata: Sequence[Any] | None, context: Context) -> Principal:
-        cn = self._cert_cn(context)
+        return self.identify(_authorization(metadata), self._cert_cn(context), peer_host(context.peer()))
+
+    def identify(self, authorization: str | None, cert_cn: str | None, peer: str) -> Principal:
+        """Who calls: by its ``Authorization`` value, else its verified certificate's CN; ``peer`` (its address)
+        names it when the server has no tokens file."""
+        cn = cert_cn
         table = self.tokens
         if table is None:
             # No tokens: everyone who got through TLS (if any) may do everything; limits key on who it is.
-            return Principal(cn or peer_host(context.peer()), Role.ADMIN)
-        token = _bearer(metadata)
+            return Principal(cn or peer, Role.ADMIN)
+        token = bearer(authorization)
         if token is not None:
             principal = table.lookup(token) if token else None
             if principal is None:
@@ -470,7 +483,7 @@ class SecurityInterceptor(_Interceptor):
             principal = table.certs.get(cn)
             if principal is not None:
                 return principal
-        raise errors.Unauthenticated("this call needs 'authorization: Bearer <token>' metadata")
+        raise errors.Unauthenticated("this call needs 'authorization: Bearer <token>' metadata (an HTTP header)")
 
     def _cert_cn(self, context: Context) -> str | None:
         if not self.config.mtls:
@@ -530,6 +543,50 @@ class SecurityInterceptor(_Interceptor):
         else:
             del self.watchers[client]
 
+    def watch_slot(self, principal: Principal) -> None:
+        """Refuses a new watch stream over the server's or the caller's limit of them."""
+        self.admit_watcher(principal.name)
+
+    async def watching(
+        self, principal: Principal, method: str, recheck: Callable[[], Principal], messages: AsyncIterator[Any]
+    ) -> AsyncGenerator[Any, None]:
+        """Yields ``messages`` while the caller holds one of its watch slots. A reload that no longer accepts
+        the caller (``recheck``) ends it: ``messages`` is closed (its watcher released) and the reason raised."""
+        key = principal.name
+        self._opened(key)
+        try:
+            if self.tokens is None:
+                # Nothing can revoke this caller: pass the messages on with nothing more per message.
+                async for item in messages:
+                    yield item
+                return
+            stream = _OpenStream(method, recheck, None)
+            self.streams.add(stream)
+            try:
+                while stream.revoked is None:
+                    # Whichever task asks for this message is the one a reload cancels.
+                    stream.task = asyncio.current_task()
+                    stream.waiting = True
+                    try:
+                        item = await anext(messages)
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.CancelledError:
+                        if stream.revoked is None or stream.task is None:
+                            raise
+                        # Cancelled by a reload that no longer accepts this caller: end with the reason.
+                        stream.task.uncancel()
+                        break
+                    finally:
+                        stream.waiting = False
+                    yield item
+                await _close(messages)
+                raise stream.revoked
+            finally:
+                self.streams.discard(stream)
+        finally:
+            self._closed(key)
+
     # -- wiring --------------------------------------------------------------------------------------------
 
     async def intercept_service(
@@ -566,6 +623,15 @@ class SecurityInterceptor(_Interceptor):
             )
         return handler
 
+    def refused(
+        self, method: str, peer: str, exc: errors.JobStateError, protocol: str, client: str | None = None
+    ) -> None:
+        """Logs (a line per client per interval, RefusalLog) and counts a call refused here: it never reaches
+        the service, which counts the others. An unauthenticated caller is known only by its address."""
+        self.refusals.refused(client or peer_host(peer), method, peer, exc)
+        if self.observer is not None:
+            self.observer.observe(method, wire_of(exc).grpc, 0.0, protocol)
+
     async def _refuse(
         self,
         context: Context,
@@ -575,12 +641,11 @@ class SecurityInterceptor(_Interceptor):
         *,
         observe: bool = True,
     ) -> None:
-        peer = context.peer()
-        # An unauthenticated caller is known only by its address.
-        self.refusals.refused(client or peer_host(peer), method, peer, exc)
+        if observe:
+            self.refused(method, context.peer(), exc, "grpc", client)
+        else:
+            self.refusals.refused(client or peer_host(context.peer()), method, context.peer(), exc)
         status = to_status(exc)
-        if observe and self.observer is not None:
-            self.observer.observe(method, status.code, 0.0)
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     def _guard_unary(
@@ -607,62 +672,26 @@ class SecurityInterceptor(_Interceptor):
             try:
                 principal = self.authenticate(metadata, context)
                 self.admit(principal, method)
-                self.admit_watcher(principal.name)
+                self.watch_slot(principal)
             except errors.JobStateError as exc:
                 await self._refuse(context, method, exc, principal.name if principal else None)
             assert principal is not None  # _refuse ends the call
-            key = principal.name
-            self._opened(key)
+            messages = aiter(inner(request, context))
             try:
-                if self.tokens is None:
-                    # Nothing can revoke this caller: pass the messages on with nothing more per message.
-                    async with contextlib.aclosing(inner(request, context)) as plain:  # type: ignore[type-var]
-                        async for item in plain:
-                            yield item
-                    return
-                async for item in self._revocable(inner, request, context, method, metadata):
-                    yield item
-            finally:
-                self._closed(key)
+                recheck = lambda: self.authenticate(metadata, context)  # noqa: E731
+                async with (
+                    contextlib.aclosing(messages),  # type: ignore[type-var]
+                    contextlib.aclosing(self.watching(principal, method, recheck, messages)) as items,
+                ):
+                    async for item in items:
+                        yield item
+            except errors.JobStateError as exc:
+                # Revoked by a reload: the watcher is released; end the call with the reason. (The service
+                # counts a stream cut short as cancelled; the reason goes to the client only.) The door never
+                # raises domain errors (it aborts), so this is the reload's.
+                await self._refuse(context, method, exc, principal.name, observe=False)
 
         return guarded
-
-    async def _revocable(
-        self,
-        inner: Callable[[Any, Context], AsyncIterator[Any]],
-        request: Any,
-        context: Context,
-        method: str,
-        metadata: Sequence[Any] | None,
-    ) -> AsyncIterator[Any]:
-        stream = _OpenStream(method, metadata, context, None)
-        self.streams.add(stream)
-        messages = aiter(inner(request, context))
-        try:
-            while stream.revoked is None:
-                # Whichever task asks for this message is the one a reload cancels.
-                stream.task = asyncio.current_task()
-                stream.waiting = True
-                try:
-                    item = await anext(messages)
-                except StopAsyncIteration:
-                    return
-                except asyncio.CancelledError:
-                    if stream.revoked is None or stream.task is None:
-                        raise
-                    # Cancelled by a reload that no longer accepts this caller: end with the reason.
-                    stream.task.uncancel()
-                    break
-                finally:
-                    stream.waiting = False
-                yield item
-            # Release the watcher now, then end the call with the reason. (The service counts a stream cut
-            # short as cancelled; the reason goes to the client only.)
-            await _close(messages)
-            await self._refuse(context, method, stream.revoked, observe=False)
-        finally:
-            self.streams.discard(stream)
-            await _close(messages)
 
     def _guard_health_watch(
         self, inner: Callable[[Any, Context], Awaitable[None]], metadata: Sequence[Any] | None

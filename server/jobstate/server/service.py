@@ -1,22 +1,25 @@
-"""The gRPC layer: parse, call the store, map domain errors to status codes, build responses.
+"""The service's core: one set of methods behind two doors, and the one table of errors.
 
-This is the only module that knows status codes. Each domain error becomes one status through
-``STATUS_OF`` and carries a ``google.rpc.ErrorInfo`` (domain ``jobstate``) with the error's reason and
-metadata, so a client in any language can switch on the reason.
+``JobStateService`` holds what every protocol shares: the methods (each takes a parsed request and returns the
+response message), the Watch checks, shutdown (new calls refused with ``ShuttingDown``), the count of running
+calls, and the observer (metrics) told of every finished call with its protocol. Two thin adapters call it:
+``jobstate.server.grpc_door`` (gRPC over HTTP/2, grpc.aio) and ``jobstate.server.http_door`` (Connect and
+gRPC-Web over HTTP/1.1). Neither holds a rule of its own.
 
-Requests are parsed here rather than by grpc, so that garbage bytes get INVALID_ARGUMENT (grpc's own
-deserializer failure would be INTERNAL). Watch responses arrive from the store already serialized (each
-change is encoded once for all watchers), so Watch's response serializer is the identity.
+``ERRORS`` is the only place that maps a domain error to how it goes on the wire: its gRPC status code, its
+Connect code and the HTTP status a Connect unary error is answered with. Whatever the protocol, the error
+carries the same ``google.rpc.ErrorInfo`` (domain ``jobstate``, the error's reason and metadata) packed as an
+``Any``, plus a ``google.rpc.RetryInfo`` when the server knows when to retry (``error_details``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, Protocol, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, message
@@ -41,77 +44,98 @@ STORE_ID_KEY = "jobstate-store-id"
 # jobs each caller created against its share of max_jobs. Set in the call's own task, so it never leaks.
 CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("jobstate_caller", default="")
 
-# One table from domain error to status code; tests/integration/test_errors_raw.py checks it covers every error.
-STATUS_OF: dict[type[errors.JobStateError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.JobNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.ExecutionNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.JobAlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.ExecutionAlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.VersionMismatch: grpc.StatusCode.ABORTED,
-    errors.StateMismatch: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.JobTerminal: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ExecutionTerminal: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.NodeHasActiveExecution: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceLimit: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.RevisionCompacted: grpc.StatusCode.OUT_OF_RANGE,
-    errors.WatcherLagged: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """How one domain error is said on the wire, in each protocol."""
+
+    grpc: grpc.StatusCode
+    connect: str  # the Connect code (https://connectrpc.com/docs/protocol#error-codes)
+    http: int  # the HTTP status of a Connect unary error with that code
+
+
+_INVALID = Wire(grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument", 400)
+_NOT_FOUND = Wire(grpc.StatusCode.NOT_FOUND, "not_found", 404)
+_EXISTS = Wire(grpc.StatusCode.ALREADY_EXISTS, "already_exists", 409)
+_PRECONDITION = Wire(grpc.StatusCode.FAILED_PRECONDITION, "failed_precondition", 400)
+_EXHAUSTED = Wire(grpc.StatusCode.RESOURCE_EXHAUSTED, "resource_exhausted", 429)
+_UNAVAILABLE = Wire(grpc.StatusCode.UNAVAILABLE, "unavailable", 503)
+# Anything that is not a domain error (a bug) is INTERNAL in every protocol.
+INTERNAL = Wire(grpc.StatusCode.INTERNAL, "internal", 500)
+
+# One table from domain error to status; tests/integration/test_errors_raw.py checks it covers every error, and
+# tests/http/test_http_errors.py that each row comes out of both doors as written here.
+ERRORS: dict[type[errors.JobStateError], Wire] = {
+    errors.InvalidArgument: _INVALID,
+    errors.JobNotFound: _NOT_FOUND,
+    errors.ExecutionNotFound: _NOT_FOUND,
+    errors.JobAlreadyExists: _EXISTS,
+    errors.ExecutionAlreadyExists: _EXISTS,
+    errors.VersionMismatch: Wire(grpc.StatusCode.ABORTED, "aborted", 409),
+    errors.StateMismatch: _PRECONDITION,
+    errors.JobTerminal: _PRECONDITION,
+    errors.ExecutionTerminal: _PRECONDITION,
+    errors.NodeHasActiveExecution: _PRECONDITION,
+    errors.ResourceLimit: _EXHAUSTED,
+    errors.RateLimited: _EXHAUSTED,
+    errors.Unauthenticated: Wire(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", 401),
+    errors.PermissionDenied: Wire(grpc.StatusCode.PERMISSION_DENIED, "permission_denied", 403),
+    errors.RevisionCompacted: Wire(grpc.StatusCode.OUT_OF_RANGE, "out_of_range", 400),
+    errors.WatcherLagged: _EXHAUSTED,
+    errors.ShuttingDown: _UNAVAILABLE,
+    errors.StoreUnavailable: _UNAVAILABLE,
 }
+# The gRPC column alone, as older code and tests know it.
+STATUS_OF: dict[type[errors.JobStateError], grpc.StatusCode] = {k: w.grpc for k, w in ERRORS.items()}
 
 
-def to_status(exc: errors.JobStateError) -> grpc.Status:
-    """The rich status of a domain error: code, message, and an ErrorInfo detail."""
-    code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
+def wire_of(exc: errors.JobStateError) -> Wire:
+    return ERRORS.get(type(exc), INTERNAL)
+
+
+def error_details(exc: errors.JobStateError) -> list[any_pb2.Any]:
+    """The error's details, each packed as an ``Any``: the ErrorInfo, and a RetryInfo when rate limited."""
     info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     details = [detail]
     if isinstance(exc, errors.RateLimited):
-        # The standard retry hint, so generic gRPC clients back off without knowing our reasons.
+        # The standard retry hint, so generic clients back off without knowing our reasons.
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromNanoseconds(max(1_000_000, int(exc.retry_after * 1e9)))
         hint = any_pb2.Any()
         hint.Pack(retry)
         details.append(hint)
-    status = status_pb2.Status(code=code.value[0], message=exc.message, details=details)
+    return details
+
+
+def to_status(exc: errors.JobStateError) -> grpc.Status:
+    """The rich gRPC status of a domain error: code, message, and the details."""
+    status = status_pb2.Status(code=wire_of(exc).grpc.value[0], message=exc.message, details=error_details(exc))
     return rpc_status.to_status(status)
 
 
 class Observer(Protocol):
-    """Receives one call per finished RPC (the metrics module implements it)."""
+    """Receives one call per finished RPC (the metrics module implements it). ``protocol`` is the door it came
+    through: ``grpc``, ``connect`` or ``grpc-web``."""
 
-    def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None: ...
+    def observe(self, method: str, code: grpc.StatusCode, seconds: float, protocol: str = "grpc") -> None: ...
 
 
 M = TypeVar("M", bound=message.Message)
+R = TypeVar("R", bound=message.Message)
 
 
-def _parse(kind: type[M], data: bytes) -> M:
+def parse(kind: type[M], data: bytes) -> M:
+    """A request from its bytes; garbage is INVALID_ARGUMENT (never INTERNAL)."""
     try:
         return kind.FromString(data)
     except message.DecodeError as exc:
         raise errors.InvalidArgument(f"request is not a valid {kind.DESCRIPTOR.name}: {exc}") from exc
 
 
-def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
-    for k, v in context.invocation_metadata() or ():
-        if k == key and isinstance(v, str):
-            return v
-    return ""
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: errors.JobStateError) -> NoReturn:
-    status = to_status(exc)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
 class JobStateService:
-    """The servicer of ``jobstate.v1.JobStateService`` over a ``Store``."""
+    """``jobstate.v1.JobStateService`` over a ``Store``: the methods both doors call."""
 
     def __init__(self, store: Store, observer: Observer | None = None) -> None:
         self.store = store
@@ -119,13 +143,50 @@ class JobStateService:
         # Set by ``begin_shutdown``: new calls get UNAVAILABLE / SHUTTING_DOWN while running ones finish.
         self.shutting_down = False
         # Unary calls running now, and when the last call of any kind arrived (time.monotonic): shutdown
-        # waits for both to settle before it stops the gRPC server.
+        # waits for both to settle before it stops the servers.
         self.in_flight = 0
         self.last_call = 0.0
+        # Each unary method by name: its request type and the method.
+        self.unary: dict[str, tuple[type[message.Message], Callable[[Any], Awaitable[message.Message]]]] = {
+            "CreateJob": (spb.CreateJobRequest, self.create_job),
+            "GetJob": (spb.GetJobRequest, self.get_job),
+            "ListJobs": (spb.ListJobsRequest, self.list_jobs),
+            "UpdateJobState": (spb.UpdateJobStateRequest, self.update_job_state),
+            "CreateExecution": (spb.CreateExecutionRequest, self.create_execution),
+            "UpdateExecution": (spb.UpdateExecutionRequest, self.update_execution),
+            "DeleteJob": (spb.DeleteJobRequest, self.delete_job),
+            "GetJobHistory": (spb.GetJobHistoryRequest, self.get_job_history),
+        }
 
     def begin_shutdown(self) -> None:
         """From now on every new call is refused with ``ShuttingDown``; calls already running go on."""
         self.shutting_down = True
+
+    def observe(self, method: str, code: grpc.StatusCode, start: float, protocol: str) -> None:
+        if self.observer is not None:
+            self.observer.observe(method, code, time.perf_counter() - start, protocol)
+
+    async def call(self, name: str, protocol: str, run: Callable[[], Awaitable[R]]) -> R:
+        """Runs one unary call (``run`` parses the request and calls the method): refused while shutting down,
+        counted while it runs, observed when it ends. Domain errors go up to the door, which says them in its
+        protocol."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        self.in_flight += 1
+        self.last_call = time.monotonic()
+        try:
+            if self.shutting_down:
+                raise errors.ShuttingDown("the server is shutting down")
+            return await run()
+        except errors.JobStateError as exc:
+            code = wire_of(exc).grpc
+            raise
+        except BaseException:
+            code = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self.in_flight -= 1
+            self.observe(name, code, start, protocol)
 
     # -- unary RPCs: each takes the parsed request and returns the response message ------------------------
 
@@ -202,84 +263,22 @@ class JobStateService:
             progress_interval=interval,
         )
 
-    async def watch(self, data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            self.last_call = time.monotonic()
-            if self.shutting_down:
-                raise errors.ShuttingDown("the server is shutting down")
-            spec = self.watch_spec(_parse(spb.WatchRequest, data))
-            if spec.start_revision:
-                self.store.check_store_id(_metadata(context, STORE_ID_KEY))
-            if self.store.store_id:
-                # Sent before any event, so a client knows which store its revisions belong to from the start.
-                await context.send_initial_metadata(((STORE_ID_KEY, self.store.store_id),))
-            # aclosing: a cancelled call releases its watcher now, not whenever the generator is collected.
-            async with contextlib.aclosing(self.store.watch(spec)) as stream:
-                async for response in stream:
-                    yield response
-        except errors.JobStateError as exc:
-            code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
-            if isinstance(exc, errors.WatcherLagged):
-                log.warning("watcher lagged, stream ended", extra={"peer": context.peer(), **exc.metadata})
-            await _abort(context, exc)
-        except BaseException:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            if self.observer is not None:
-                self.observer.observe("Watch", code, time.perf_counter() - start)
+    def open_watch(self, req: spb.WatchRequest, presented_store_id: str) -> AsyncGenerator[bytes, None]:
+        """The store's stream of serialized ``WatchResponse`` for one Watch call, after its checks: refused while
+        shutting down, the request's fields, and a resume (``start_revision``) only from the same store
+        (``presented_store_id``, the client's ``jobstate-store-id``). The door iterates it and sends the store id
+        (``self.store.store_id``) before any event."""
+        self.last_call = time.monotonic()
+        if self.shutting_down:
+            raise errors.ShuttingDown("the server is shutting down")
+        spec = self.watch_spec(req)
+        if spec.start_revision:
+            self.store.check_store_id(presented_store_id)
+        return self.store.watch(spec)
 
-    # -- wiring --------------------------------------------------------------------------------------------
-
-    def _unary(
-        self, name: str, kind: type[M], fn: Callable[[M], Awaitable[message.Message]]
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        observer = self.observer
-
-        async def handler(data: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> message.Message:
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            self.in_flight += 1
-            self.last_call = time.monotonic()
-            try:
-                if self.shutting_down:
-                    raise errors.ShuttingDown("the server is shutting down")
-                return await fn(_parse(kind, data))
-            except errors.JobStateError as exc:
-                code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
-                await _abort(context, exc)
-            except BaseException:
-                code = grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                self.in_flight -= 1
-                if observer is not None:
-                    observer.observe(name, code, time.perf_counter() - start)
-
-        return grpc.unary_unary_rpc_method_handler(handler, request_deserializer=None, response_serializer=_serialize)
-
-    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
-        unary = {
-            "CreateJob": (spb.CreateJobRequest, self.create_job),
-            "GetJob": (spb.GetJobRequest, self.get_job),
-            "ListJobs": (spb.ListJobsRequest, self.list_jobs),
-            "UpdateJobState": (spb.UpdateJobStateRequest, self.update_job_state),
-            "CreateExecution": (spb.CreateExecutionRequest, self.create_execution),
-            "UpdateExecution": (spb.UpdateExecutionRequest, self.update_execution),
-            "DeleteJob": (spb.DeleteJobRequest, self.delete_job),
-            "GetJobHistory": (spb.GetJobHistoryRequest, self.get_job_history),
-        }
-        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-            name: self._unary(name, kind, fn)  # type: ignore[arg-type]
-            for name, (kind, fn) in unary.items()
-        }
-        handlers["Watch"] = grpc.unary_stream_rpc_method_handler(
-            self.watch, request_deserializer=None, response_serializer=None
-        )
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-
-
-def _serialize(m: message.Message) -> bytes:
-    return m.SerializeToString()
+    def watch_ended(self, exc: errors.JobStateError, peer: str) -> grpc.StatusCode:
+        """The status code of a Watch that ended with ``exc``; a lagged watcher is logged (the operator's hint
+        that history is too short for the slowest reader)."""
+        if isinstance(exc, errors.WatcherLagged):
+            log.warning("watcher lagged, stream ended", extra={"peer": peer, **exc.metadata})
+        return wire_of(exc).grpc
