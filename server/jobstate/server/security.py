@@ -320,11 +320,7 @@ class SecurityConfig:
     def guard_unary(self) -> bool:
         """Whether unary calls need the interceptor at all (it costs each call a few microseconds)."""
         return bool(
-            self.auth_tokens_file
-            or self.mtls
-            or self.write_rate_per_client
-            or self.read_rate_per_client
-            or self.track_job_owners
+            self.auth_tokens_file or self.write_rate_per_client or self.read_rate_per_client or self.track_job_owners
         )
 
 
