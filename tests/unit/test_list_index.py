@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from pathlib import Path
 
 from storeutil import JS, execution, new_store
 
 from jobstate.server.errors import NodeHasActiveExecution
+from jobstate.server.sqlite_store import SqliteStore
 from jobstate.server.store import MemoryStore, decode_token
 
 
@@ -114,3 +116,23 @@ async def test_a_long_walk_gives_the_loop_back_and_stays_exact() -> None:
             expected = [j for j in every if (j.create_time.ToNanoseconds(), j.job_id) <= end]
         assert [(j.job_id, j.version) for j in page.jobs] == [(j.job_id, j.version) for j in expected], trial
         assert len(page.jobs) <= page_size
+
+
+async def test_sqlite_rebuilds_the_indexes_when_it_opens(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path)
+    for i in range(50):
+        await store.create_job(f"j{i:02d}")
+    await store.update_job_state("j30", JS.JOB_STATE_TYPE_QUEUED)
+    await store.create_execution("j40", execution("node-z"))
+    await store.delete_job("j10")
+    await store.close()
+
+    store = SqliteStore(tmp_path)
+    try:
+        before = store.scan_visits
+        assert await all_pages(store, [JS.JOB_STATE_TYPE_QUEUED]) == ["j30"]
+        assert await all_pages(store, [], "node-z") == ["j40"]
+        assert store.scan_visits - before == 2
+        assert len(await all_pages(store, [JS.JOB_STATE_TYPE_NEW], page_size=100)) == 48
+    finally:
+        await store.close()

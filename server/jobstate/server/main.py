@@ -399,13 +399,15 @@ def with_client_shares(config: ServerConfig) -> ServerConfig:
     one client can take all of it (SECURITY.md)."""
     watchers = config.max_watchers_per_client
     jobs = config.max_jobs_per_client
+    if watchers is None:
+        watchers = client_share(config.max_watchers)
+    if jobs is None:
+        jobs = client_share(config.limits.max_jobs)
     return replace(
         config,
-        max_watchers_per_client=client_share(config.max_watchers) if watchers is None else watchers,
-        max_jobs_per_client=client_share(config.limits.max_jobs) if jobs is None else jobs,
-        limits=replace(
-            config.limits, max_jobs_per_client=client_share(config.limits.max_jobs) if jobs is None else jobs
-        ),
+        max_watchers_per_client=watchers,
+        max_jobs_per_client=jobs,
+        limits=replace(config.limits, max_jobs_per_client=jobs),
     )
 
 
@@ -510,6 +512,7 @@ async def serve(config: ServerConfig, ready: asyncio.Event | None = None) -> Non
             "history_size": config.history_size,
             "history_bytes": config.history_bytes,
             "max_watchers": config.max_watchers,
+            "max_watchers_per_client": app.config.max_watchers_per_client,
             "tls": "mtls" if config.tls_client_ca else ("on" if config.tls_cert else "off"),
             "auth": "tokens" if config.auth_tokens_file else "off",
             "retain_finished": config.retain_finished or "forever",

@@ -7,10 +7,13 @@
   SHA-256 digest with every known digest in constant time, so neither timing nor an early exit tells how
   much of a guess was right, and the table never holds a token in the clear once parsed.
 - ``SecurityInterceptor`` checks each call to ``jobstate.v1.JobStateService`` before the servicer sees it:
-  who is calling (token or certificate), whether the role allows the method, the caller's write rate and
-  its number of open watch streams. Health and reflection pass through untouched, so probes need nothing.
+  who is calling (token or certificate), whether the role allows the method, the caller's read and write
+  rates, and its open watch streams against its share and the server's total. Health and reflection need no
+  credential, so probes need nothing, but ``Health/Watch`` streams count against the same watch limits.
   The decisions (``identify``, ``admit``, ``watch_slot``, ``watching``) take plain values, not grpc's call
   context, so the HTTP door (``jobstate.server.http_door``) asks the same object the same questions.
+- ``client_share`` is what one client may hold of a global limit unless configured otherwise (all but a tenth).
+- ``RefusalLog`` keeps refused calls from flooding the log: the first per client per interval, then a count.
   A reload of the tokens file checks every open watch stream again: one whose token (or certificate name) is
   no longer accepted ends with ``UNAUTHENTICATED``; the others go on.
 
@@ -322,11 +325,7 @@ class SecurityConfig:
     def guard_unary(self) -> bool:
         """Whether unary calls need the interceptor at all (it costs each call a few microseconds)."""
         return bool(
-            self.auth_tokens_file
-            or self.mtls
-            or self.write_rate_per_client
-            or self.read_rate_per_client
-            or self.track_job_owners
+            self.auth_tokens_file or self.write_rate_per_client or self.read_rate_per_client or self.track_job_owners
         )
 
 
