@@ -108,7 +108,7 @@ def test_filters_by_state_node_and_text(make_web_server: Any, page: Any) -> None
         expect(page.locator("#jobs-empty")).to_contain_text("No job matches the filters (4 jobs in all)")
 
 
-def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any, screenshot: Any) -> None:
+def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any) -> None:
     server = make_web_server()
     with Client(server.target) as c:
         c.create_job("job-h", timeout=3600, comment="submitted")
@@ -150,7 +150,6 @@ def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any, 
         expect(page.locator(f'#timeline > li[data-revision="{done.revision}"]')).to_contain_text(
             "IN_PROGRESS → COMPLETED", timeout=5000
         )
-        screenshot(page, "dashboard-job.png", full_page=True)
 
         page.locator("a.back").click()
         live(page)
@@ -294,6 +293,14 @@ def test_screenshots_at_desktop_and_phone_width(make_web_server: Any, browser: A
         # Usable at phone width: nothing wider than the screen but the table's own scroller.
         assert p.evaluate("document.documentElement.scrollWidth") <= 390
         screenshot(p, "dashboard-phone.png")
+
+        # A job's page: the finished job with the most executions, its story of bids, failures and retries.
+        with Client(server.target) as c:
+            finished = list(c.iter_jobs(states=["completed"]))
+        job = max(finished, key=lambda j: (len(j.executions), j.job_id))
+        page.goto(f"{server.url}#/job/{job.job_id}")
+        expect(page.locator("#timeline > li")).to_have_count(job.version)
+        screenshot(page, "dashboard-job.png", full_page=True)
     finally:
         phone.close()
         demo.terminate()
