@@ -107,6 +107,14 @@ def test_filters_by_state_node_and_text(make_web_server: Any, page: Any) -> None
         page.fill("#filter-text", "nothing-like-this")
         expect(page.locator("#jobs-empty")).to_contain_text("No job matches the filters (4 jobs in all)")
 
+        # Sorting: by last change (the default: build-2 changed last), then by id.
+        page.fill("#filter-text", "")
+        expect(page.locator("#jobs-body tr").first).to_have_attribute("data-job", "build-2")
+        page.locator("#jobs th", has_text="Job").click()
+        expect(page.locator("#jobs-body tr").first).to_have_attribute("data-job", "build-0")
+        expect(page.locator("#jobs-body tr").last).to_have_attribute("data-job", "deploy-0")
+        assert "sort=id" in page.url
+
 
 def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any) -> None:
     server = make_web_server()
