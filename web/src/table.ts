@@ -242,12 +242,34 @@ export class JobTable {
       }
       order.push(row.tr);
     }
-    for (const id of [...this.rows.keys()]) if (!keep.has(id)) this.rows.delete(id);
-    // Re-append only when the order changed: moving rows restarts their flash animation.
-    const current = this.tbody.children;
-    let same = current.length === order.length;
-    for (let i = 0; same && i < order.length; i++) if (current[i] !== order[i]) same = false;
-    if (!same) this.tbody.replaceChildren(...order);
+    for (const [id, row] of [...this.rows]) {
+      if (!keep.has(id)) {
+        this.rows.delete(id);
+        row.tr.remove();
+      }
+    }
+    // Move only the rows that are out of place (on a busy stream: the few that just changed, to the top). Re-adding
+    // every row would make the browser restyle and re-lay out the whole table on every change.
+    const wanted = new Set<Element>(order);
+    let cursor = this.tbody.firstElementChild;
+    for (const tr of order) {
+      // A replaced row (its job changed) is dropped where it stands, so that it never holds the cursor back.
+      while (cursor && !wanted.has(cursor)) {
+        const next = cursor.nextElementSibling;
+        cursor.remove();
+        cursor = next;
+      }
+      if (tr === cursor) {
+        cursor = cursor.nextElementSibling;
+      } else {
+        this.tbody.insertBefore(tr, cursor);
+      }
+    }
+    while (cursor) {
+      const next = cursor.nextElementSibling;
+      cursor.remove();
+      cursor = next;
+    }
 
     const total = this.sync.jobs.size;
     this.empty.hidden = shown.length > 0;
