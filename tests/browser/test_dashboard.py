@@ -133,7 +133,10 @@ def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any) 
 
         page.goto(server.url)
         live(page)
-        row(page, "job-h").locator("a").click()
+        with page.expect_request(lambda r: "/jobstate.v1.JobStateService/GetJobHistory" in r.url) as history_call:
+            row(page, "job-h").locator("a").click()
+        # A read goes out as a plain GET (GetJobHistory is NO_SIDE_EFFECTS): cacheable, visible in access logs.
+        assert history_call.value.method == "GET"
         expect(page).to_have_url(re.compile(r"#/job/job-h$"))
         expect(page.locator("#job-title")).to_have_text("job-h")
         entries = list(c.iter_history("job-h"))
