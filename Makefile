@@ -69,7 +69,7 @@ chromium-deps:
 
 # The dashboard's pictures in docs/ (the README shows docs/dashboard.png), taken by the browser tests.
 screenshots: venv node-deps chromium-deps
-	JOBSTATE_SCREENSHOTS=docs $(BIN)/pytest -q -p no:cacheprovider tests/browser -k "screenshots or job_page"
+	JOBSTATE_SCREENSHOTS=docs $(BIN)/pytest -q -p no:cacheprovider tests/browser -k "screenshots or token_protected"
 
 test: lint etcd-deps chromium-deps
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -107,8 +107,16 @@ def test_filters_by_state_node_and_text(make_web_server: Any, page: Any) -> None
         page.fill("#filter-text", "nothing-like-this")
         expect(page.locator("#jobs-empty")).to_contain_text("No job matches the filters (4 jobs in all)")
 
+        # Sorting: by last change (the default: build-2 changed last), then by id.
+        page.fill("#filter-text", "")
+        expect(page.locator("#jobs-body tr").first).to_have_attribute("data-job", "build-2")
+        page.locator("#jobs th", has_text="Job").click()
+        expect(page.locator("#jobs-body tr").first).to_have_attribute("data-job", "build-0")
+        expect(page.locator("#jobs-body tr").last).to_have_attribute("data-job", "deploy-0")
+        assert "sort=id" in page.url
 
-def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any, screenshot: Any) -> None:
+
+def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any) -> None:
     server = make_web_server()
     with Client(server.target) as c:
         c.create_job("job-h", timeout=3600, comment="submitted")
@@ -125,7 +133,10 @@ def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any, 
 
         page.goto(server.url)
         live(page)
-        row(page, "job-h").locator("a").click()
+        with page.expect_request(lambda r: "/jobstate.v1.JobStateService/GetJobHistory" in r.url) as history_call:
+            row(page, "job-h").locator("a").click()
+        # A read goes out as a plain GET (GetJobHistory is NO_SIDE_EFFECTS): cacheable, visible in access logs.
+        assert history_call.value.method == "GET"
         expect(page).to_have_url(re.compile(r"#/job/job-h$"))
         expect(page.locator("#job-title")).to_have_text("job-h")
         entries = list(c.iter_history("job-h"))
@@ -150,7 +161,6 @@ def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any, 
         expect(page.locator(f'#timeline > li[data-revision="{done.revision}"]')).to_contain_text(
             "IN_PROGRESS → COMPLETED", timeout=5000
         )
-        screenshot(page, "dashboard-job.png", full_page=True)
 
         page.locator("a.back").click()
         live(page)
@@ -294,6 +304,14 @@ def test_screenshots_at_desktop_and_phone_width(make_web_server: Any, browser: A
         # Usable at phone width: nothing wider than the screen but the table's own scroller.
         assert p.evaluate("document.documentElement.scrollWidth") <= 390
         screenshot(p, "dashboard-phone.png")
+
+        # A job's page: the finished job with the most executions, its story of bids, failures and retries.
+        with Client(server.target) as c:
+            finished = list(c.iter_jobs(states=["completed"]))
+        job = max(finished, key=lambda j: (len(j.executions), j.job_id))
+        page.goto(f"{server.url}#/job/{job.job_id}")
+        expect(page.locator("#timeline > li")).to_have_count(job.version)
+        screenshot(page, "dashboard-job.png", full_page=True)
     finally:
         phone.close()
         demo.terminate()

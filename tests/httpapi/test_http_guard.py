@@ -270,3 +270,23 @@ def test_dead_peers_are_probed(make_http: Any) -> None:
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 2
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+
+
+def test_watch_streams_per_client(make_http: Any) -> None:
+    """The per-client watch limit counts HTTP streams as it counts gRPC ones (same client: same address)."""
+    http = make_http(max_watchers_per_client=1)
+    with open_stream(http.client, "Watch", spb.WatchRequest(send_initial_state=True)) as first:
+        assert first.next() is not None
+        with open_stream(http.client, "Watch", spb.WatchRequest()) as second:
+            err = second.error()
+        assert err is not None
+        assert err["code"] == "resource_exhausted"
+        assert error_info(err).metadata["limit"] == "max_watchers_per_client"
+    # The first stream's slot is released when it goes.
+    deadline = time.monotonic() + 10
+    while True:
+        with open_stream(http.client, "Watch", spb.WatchRequest(send_initial_state=True)) as again:
+            if again.next() is not None:
+                break
+        assert time.monotonic() < deadline, "the closed stream's slot was never released"
+        time.sleep(0.02)

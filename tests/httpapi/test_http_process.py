@@ -1,4 +1,5 @@
-"""`jobstate serve --http-port 0` as a user runs it: the start-up line names the HTTP address, and the process's
+"""`jobstate serve --http-port 0` as a user runs it: the start-up line names the HTTP address, the CORS and Host
+flags take effect, and the process's
 signals stay the server's own (the HTTP server installs none): SIGHUP reloads the tokens file (a new token works
 over HTTP at once), SIGTERM ends an open HTTP Watch with unavailable / SHUTTING_DOWN and the process exits 0."""
 
@@ -32,6 +33,7 @@ def test_serve_with_http_signals_and_shutdown(tmp_path: Path) -> None:
             [
                 *(sys.executable, "-m", "jobstate", "serve", "--port", "0", "--http-port", "0", "--grace", "2"),
                 *("--auth-tokens", str(tokens)),
+                *("--cors-origin", "https://app.example", "--http-allowed-host", "jobs.example"),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -61,6 +63,15 @@ def test_serve_with_http_signals_and_shutdown(tmp_path: Path) -> None:
         with httpx.Client(base_url=url[0], timeout=30) as client:
             assert unary(client, "CreateJob", {"jobId": "p"}, headers=first).status_code == 200
             assert unary(client, "GetJob", {"jobId": "p"}, headers=later).status_code == 401
+            # The CLI's CORS and Host flags reach the listener.
+            preflight = client.options(
+                "/jobstate.v1.JobStateService/GetJob",
+                headers={"origin": "https://app.example", "access-control-request-method": "POST"},
+            )
+            assert preflight.status_code == 204
+            assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+            for host, status in (("jobs.example", 200), ("other.example", 403)):
+                assert unary(client, "GetJob", {"jobId": "p"}, headers={**first, "host": host}).status_code == status
             tokens.write_text(f"{FIRST} writer\n{LATER} reader\n")
             os.kill(proc.pid, signal.SIGHUP)
             deadline = time.monotonic() + 20

@@ -104,6 +104,7 @@ const openedAt = Date.now();
 const rateNow = h("span", { class: "stat", id: "rate-now" }, "—");
 const legend = h("div", { class: "legend" });
 for (const st of JOB_ORDER) legend.append(h("span", { class: `key s-${JOB_CLASS[st]}` }, h("i"), jobName(st)));
+legend.append(h("span", { class: "key gap-key", title: "seconds when the page was not live: no sample, no guess" }, h("i"), "not live"));
 const chartPanel = h(
   "section",
   { class: "panel chart-panel" },

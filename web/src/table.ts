@@ -151,19 +151,25 @@ export class JobTable {
     return true;
   }
 
-  private compare(): (a: JobState, b: JobState) => number {
+  /** The jobs in the table's order. Time sorts compare precomputed numbers: 10,000 jobs sort in a few ms. */
+  private sorted(jobs: JobState[]): JobState[] {
     const byId = (a: JobState, b: JobState) => (a.jobId < b.jobId ? -1 : a.jobId > b.jobId ? 1 : 0);
+    const newestFirst = (key: (j: JobState) => number) =>
+      jobs
+        .map((j) => ({ j, k: key(j) }))
+        .sort((x, y) => y.k - x.k || byId(x.j, y.j))
+        .map((x) => x.j);
     switch (this.sort) {
       case "id":
-        return byId;
+        return jobs.sort(byId);
       case "state":
-        return (a, b) => JOB_ORDER.indexOf(a.state) - JOB_ORDER.indexOf(b.state) || byId(a, b);
+        return jobs.sort((a, b) => JOB_ORDER.indexOf(a.state) - JOB_ORDER.indexOf(b.state) || byId(a, b));
       case "version":
-        return (a, b) => (a.version === b.version ? byId(a, b) : a.version > b.version ? -1 : 1);
+        return newestFirst((j) => Number(j.version));
       case "created":
-        return (a, b) => millis(b.createTime) - millis(a.createTime) || byId(a, b);
+        return newestFirst((j) => millis(j.createTime));
       default:
-        return (a, b) => millis(b.updateTime) - millis(a.updateTime) || byId(a, b);
+        return newestFirst((j) => millis(j.updateTime));
     }
   }
 
@@ -215,8 +221,7 @@ export class JobTable {
     for (const [key, th] of this.heads) th.classList.toggle("sorted", key === this.sort);
     const shown: JobState[] = [];
     for (const j of this.sync.jobs.values()) if (this.matches(j)) shown.push(j);
-    shown.sort(this.compare());
-    const visible = shown.slice(0, MAX_ROWS);
+    const visible = this.sorted(shown).slice(0, MAX_ROWS);
     const keep = new Set<string>();
     const order: HTMLTableRowElement[] = [];
     // A few changed rows flash to catch the eye; a table that changes everywhere at once does not (it would be
@@ -237,12 +242,34 @@ export class JobTable {
       }
       order.push(row.tr);
     }
-    for (const id of [...this.rows.keys()]) if (!keep.has(id)) this.rows.delete(id);
-    // Re-append only when the order changed: moving rows restarts their flash animation.
-    const current = this.tbody.children;
-    let same = current.length === order.length;
-    for (let i = 0; same && i < order.length; i++) if (current[i] !== order[i]) same = false;
-    if (!same) this.tbody.replaceChildren(...order);
+    for (const [id, row] of [...this.rows]) {
+      if (!keep.has(id)) {
+        this.rows.delete(id);
+        row.tr.remove();
+      }
+    }
+    // Move only the rows that are out of place (on a busy stream: the few that just changed, to the top). Re-adding
+    // every row would make the browser restyle and re-lay out the whole table on every change.
+    const wanted = new Set<Element>(order);
+    let cursor = this.tbody.firstElementChild;
+    for (const tr of order) {
+      // A replaced row (its job changed) is dropped where it stands, so that it never holds the cursor back.
+      while (cursor && !wanted.has(cursor)) {
+        const next = cursor.nextElementSibling;
+        cursor.remove();
+        cursor = next;
+      }
+      if (tr === cursor) {
+        cursor = cursor.nextElementSibling;
+      } else {
+        this.tbody.insertBefore(tr, cursor);
+      }
+    }
+    while (cursor) {
+      const next = cursor.nextElementSibling;
+      cursor.remove();
+      cursor = next;
+    }
 
     const total = this.sync.jobs.size;
     this.empty.hidden = shown.length > 0;

@@ -60,20 +60,27 @@ def protocol_of(ctx: Ctx) -> str:
 
 class _JsonWatchCache:
     """JSON text of the last serialized WatchResponses. The store hands every watcher the same bytes object,
-    so a hundred JSON watchers cost one conversion per change; the bound keeps a slow watcher from pinning more."""
+    so a hundred JSON watchers cost one conversion per change. Bounded in bytes (what it holds of both forms);
+    a response larger than a tenth of that (a watcher's own catch-up batch, shared by no one) is not kept."""
 
-    SIZE = 256
+    BUDGET = 4 * 1024 * 1024
 
     def __init__(self) -> None:
         self._texts: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
 
     def get(self, data: bytes) -> bytes:
         text = self._texts.get(data)
-        if text is None:
-            text = to_json(spb.WatchResponse.FromString(data))
+        if text is not None:
+            return text
+        text = to_json(spb.WatchResponse.FromString(data))
+        size = len(data) + len(text)
+        if size <= self.BUDGET // 10:
             self._texts[data] = text
-            if len(self._texts) > self.SIZE:
-                self._texts.popitem(last=False)
+            self._bytes += size
+            while self._bytes > self.BUDGET:
+                old, old_text = self._texts.popitem(last=False)
+                self._bytes -= len(old) + len(old_text)
         return text
 
 
