@@ -312,3 +312,16 @@ def test_buf_curl_session(server: Any, background: Any) -> None:
         ("WATCH_EVENT_TYPE_INITIAL", "job-1"),
         ("WATCH_EVENT_TYPE_BOOKMARK", None),
     ]
+
+
+def test_the_live_view_shown_uses_the_cli_state_names() -> None:
+    from jobstate.client import core
+
+    frame = next(b.text for b in blocks() if b.marker == "<!-- output -->" and b.text.startswith("jobstate watch"))
+    rows = [line for line in frame.splitlines() if "ago  " in line]
+    assert rows
+    for row in rows:
+        words = row.split("ago  ", 1)[1].split()
+        if words != ["-"]:
+            for name in words[1::2]:
+                assert core.execution_state(name), row
