@@ -157,3 +157,9 @@ def test_the_startup_line_names_the_engine_and_its_data(spawn: Spawn, tmp_path: 
         assert first["address"] == f"127.0.0.1:{port}"
         assert {k: first.get(k) for k in expected} == expected
         stop(proc)
+
+
+def test_an_unknown_host_says_so() -> None:
+    r = run("--target", "no-such-host.invalid:50051", "get", "j1", "--deadline", "5s")
+    assert r.code == 1
+    assert "hint: the host name in no-such-host.invalid:50051 could not be resolved" in r.err, r.err

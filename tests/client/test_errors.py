@@ -472,8 +472,12 @@ PUBLIC = [
     "WatchEventType",
     "WatchResponse",
     "WatchStream",
+    "describe",
+    "event_type_name",
     "execution_state",
+    "execution_state_name",
     "job_state",
+    "job_state_name",
 ]
 
 

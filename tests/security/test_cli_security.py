@@ -191,6 +191,13 @@ def test_mtls_through_the_cli(serve: type[Serve], pki: PKI, tokens_file: Path) -
     assert f"hint: the server at {server.target} may require a client certificate (mTLS): give --tls-cert" in r.err
 
 
+def test_tls_client_to_a_plaintext_server_gets_a_hint(serve: type[Serve], pki: PKI) -> None:
+    server = serve()
+    r = jobstate("--target", server.target, "--tls-ca", str(pki.ca), "get", "j1")
+    assert r.code == 1
+    assert f"hint: the server at {server.target} does not use TLS: leave out --tls-ca" in r.err, r.err
+
+
 def test_serve_refuses_plaintext_on_all_interfaces(tmp_path: Path) -> None:
     p = subprocess.run(
         [*CLI, "serve", "--host", "0.0.0.0", "--port", str(free_port())],

@@ -1003,20 +1003,30 @@ def _attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> lis
 
 
 def connection_hint(args: argparse.Namespace, exc: JobStateError) -> str:
-    """What to try when the server could not be reached or the connection was closed before any answer: the
+    """What to try when no answer came from the server: grpc only says ``Socket closed`` or a TLS error code. The
     server's own UNAVAILABLE answers carry a reason (SHUTTING_DOWN, ...) and need no hint."""
     if exc.code.name != "UNAVAILABLE" or exc.reason:
         return ""
     text = str(exc).lower()
     target = getattr(args, "target", "")
+    tls_ca, tls_cert = getattr(args, "tls_ca", None), getattr(args, "tls_cert", None)
     if "connection refused" in text:
         return f"is a jobstate server running at {target}? (--target HOST:PORT or ${TARGET_ENV})"
-    if not getattr(args, "tls_ca", None):
+    if "resolv" in text:
+        return f"the host name in {target} could not be resolved (--target HOST:PORT or ${TARGET_ENV})"
+    if "wrong_version_number" in text:
+        return f"the server at {target} does not use TLS: leave out --tls-ca, --tls-cert and --tls-key"
+    if "certificate_verify_failed" in text or "certificate verify failed" in text:
+        return f"the server's certificate is not signed by the --tls-ca given ({tls_ca}), or not for this host name"
+    # A TLS server closes a plaintext connection, and an mTLS server one without a client certificate.
+    if not any(word in text for word in ("socket closed", "connection reset", "handshake", "end of file")):
+        return ""
+    if not tls_ca:
         return (
             f"the server at {target} may require TLS: give --tls-ca FILE (the CA that signed its certificate), and "
             "--tls-cert FILE --tls-key FILE if it also asks for a client certificate"
         )
-    if not getattr(args, "tls_cert", None):
+    if not tls_cert:
         return f"the server at {target} may require a client certificate (mTLS): give --tls-cert FILE --tls-key FILE"
     return ""
 
