@@ -68,6 +68,8 @@ class Sample:
     created: int
     writes: int
     events_seen: int
+    sweeps: int = 0
+    sweep_seconds: float = 0.0  # all retention sweeps so far, added up
 
 
 @dataclass
@@ -184,6 +186,8 @@ async def run_one(spec: Spec, workdir: Path, log: Path) -> Run:
                     created=scheduler.stats.created,
                     writes=scheduler.stats.writes,
                     events_seen=seen[0],
+                    sweeps=int(m.get("jobstate_retention_sweep_seconds_count", 0)),
+                    sweep_seconds=round(m.get("jobstate_retention_sweep_seconds_sum", 0.0), 6),
                 )
             )
             if demo.done():
@@ -293,6 +297,7 @@ class Figures:
     removed: int
     events_seen: int
     seconds: float
+    sweep_ms_mean: float
 
 
 def figures(run: Run) -> Figures:
@@ -324,6 +329,7 @@ def figures(run: Run) -> Figures:
         removed=last.removed,
         events_seen=last.events_seen,
         seconds=end,
+        sweep_ms_mean=1000 * last.sweep_seconds / last.sweeps if last.sweeps else 0.0,
     )
 
 
@@ -369,8 +375,8 @@ def markdown(runs: Sequence[Run], verdicts: Sequence[str], passed: bool) -> str:
     out += [
         "",
         "| engine | retention | run s | jobs created | writes/s | jobs held mid→end | history entries end "
-        "| RSS MiB mid→end | RSS growth, last half | SQLite MiB mid→end | removed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| RSS MiB mid→end | RSS growth, last half | SQLite MiB mid→end | removed | mean sweep ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         f = figures(run)
@@ -378,7 +384,8 @@ def markdown(runs: Sequence[Run], verdicts: Sequence[str], passed: bool) -> str:
         out.append(
             f"| {run.spec.engine} | {f'{run.spec.retain:g}s' if run.spec.retain else 'off'} | {f.seconds:.0f} | "
             f"{f.created} | {f.writes / max(f.seconds, 1):.0f} | {f.jobs_mid}→{f.jobs_end} | {f.history_end} | "
-            f"{f.rss_mid:.1f}→{f.rss_end:.1f} | {f.rss_growth_pct:+.2f}% | {db} | {f.removed} |"
+            f"{f.rss_mid:.1f}→{f.rss_end:.1f} | {f.rss_growth_pct:+.2f}% | {db} | {f.removed} | "
+            f"{f.sweep_ms_mean:.2f} |"
         )
     out += ["", "## Verdict", "", *(f"- {v}" for v in verdicts), "", f"**{'PASS' if passed else 'FAIL'}**", ""]
     out += [
@@ -443,7 +450,12 @@ def read_csv(path: Path) -> list[Run]:
             key = (row.pop("engine"), float(row.pop("retention_s")))
             run = runs.setdefault(key, Run(Spec(engine=key[0], retain=key[1])))
             run.samples.append(
-                Sample(**{k: (float(v) if k in ("t", "rss_mib", "db_mib") else int(v)) for k, v in row.items()})  # type: ignore[arg-type]
+                Sample(
+                    **{
+                        k: (float(v) if k in ("t", "rss_mib", "db_mib", "sweep_seconds") else int(v))
+                        for k, v in row.items()
+                    }
+                )  # type: ignore[arg-type]
             )
     return list(runs.values())
 
