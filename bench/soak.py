@@ -68,6 +68,8 @@ class Sample:
     created: int
     writes: int
     events_seen: int
+    sweeps: int = 0
+    sweep_seconds: float = 0.0  # all retention sweeps so far, added up
 
 
 @dataclass
@@ -184,6 +186,8 @@ async def run_one(spec: Spec, workdir: Path, log: Path) -> Run:
                     created=scheduler.stats.created,
                     writes=scheduler.stats.writes,
                     events_seen=seen[0],
+                    sweeps=int(m.get("jobstate_retention_sweep_seconds_count", 0)),
+                    sweep_seconds=round(m.get("jobstate_retention_sweep_seconds_sum", 0.0), 6),
                 )
             )
             if demo.done():
@@ -293,6 +297,7 @@ class Figures:
     removed: int
     events_seen: int
     seconds: float
+    sweep_ms_mean: float
 
 
 def figures(run: Run) -> Figures:
@@ -324,6 +329,7 @@ def figures(run: Run) -> Figures:
         removed=last.removed,
         events_seen=last.events_seen,
         seconds=end,
+        sweep_ms_mean=1000 * last.sweep_seconds / last.sweeps if last.sweeps else 0.0,
     )
 
 
@@ -369,8 +375,8 @@ def markdown(runs: Sequence[Run], verdicts: Sequence[str], passed: bool) -> str:
     out += [
         "",
         "| engine | retention | run s | jobs created | writes/s | jobs held mid→end | history entries end "
-        "| RSS MiB mid→end | RSS growth, last half | SQLite MiB mid→end | removed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| RSS MiB mid→end | RSS growth, last half | SQLite MiB mid→end | removed | mean sweep ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         f = figures(run)
@@ -378,7 +384,8 @@ def markdown(runs: Sequence[Run], verdicts: Sequence[str], passed: bool) -> str:
         out.append(
             f"| {run.spec.engine} | {f'{run.spec.retain:g}s' if run.spec.retain else 'off'} | {f.seconds:.0f} | "
             f"{f.created} | {f.writes / max(f.seconds, 1):.0f} | {f.jobs_mid}→{f.jobs_end} | {f.history_end} | "
-            f"{f.rss_mid:.1f}→{f.rss_end:.1f} | {f.rss_growth_pct:+.2f}% | {db} | {f.removed} |"
+            f"{f.rss_mid:.1f}→{f.rss_end:.1f} | {f.rss_growth_pct:+.2f}% | {db} | {f.removed} | "
+            f"{f.sweep_ms_mean:.2f} |"
         )
     out += ["", "## Verdict", "", *(f"- {v}" for v in verdicts), "", f"**{'PASS' if passed else 'FAIL'}**", ""]
     out += [
@@ -410,13 +417,21 @@ def plot(runs: Sequence[Run], path: Path) -> bool:
     if any(r.spec.engine == "sqlite" for r in runs):
         panels.append(("db_mib", "SQLite files (MiB)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    # One colour per engine and retention, the same in every panel.
+    colours = {("memory", "on"): "tab:blue", ("memory", "off"): "tab:orange"}
+    colours |= {("sqlite", "on"): "tab:green", ("sqlite", "off"): "tab:red"}
     for ax, (key, title) in zip(axes, panels, strict=True):
         for run in runs:
             if key == "db_mib" and run.spec.engine != "sqlite":
                 continue
             label = f"{run.spec.engine}, " + (f"retain {run.spec.retain:g}s" if run.spec.retain else "retention off")
-            style = "-" if run.spec.retain else "--"
-            ax.plot([s.t / 60 for s in run.samples], [getattr(s, key) for s in run.samples], style, label=label)
+            ax.plot(
+                [s.t / 60 for s in run.samples],
+                [getattr(s, key) for s in run.samples],
+                "-" if run.spec.retain else "--",
+                color=colours.get((run.spec.engine, run.spec.mode)),
+                label=label,
+            )
         ax.set_title(title)
         ax.set_xlabel("minutes")
         ax.grid(alpha=0.3)
@@ -425,6 +440,24 @@ def plot(runs: Sequence[Run], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def read_csv(path: Path) -> list[Run]:
+    """The runs a ``soak-<engine>.csv`` holds (for ``replot``)."""
+    runs: dict[tuple[str, float], Run] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            key = (row.pop("engine"), float(row.pop("retention_s")))
+            run = runs.setdefault(key, Run(Spec(engine=key[0], retain=key[1])))
+            run.samples.append(
+                Sample(
+                    **{
+                        k: (float(v) if k in ("t", "rss_mib", "db_mib", "sweep_seconds") else int(v))
+                        for k, v in row.items()
+                    }
+                )  # type: ignore[arg-type]
+            )
+    return list(runs.values())
 
 
 def parse_rates(text: str) -> dict[str, float]:
@@ -441,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--spec", required=True)
     c.add_argument("--workdir", required=True)
     c.add_argument("--out", required=True)
+    sub.add_parser("replot", help="draw soak.png again from the soak-*.csv in --out")
     p.add_argument("--engines", default="memory,sqlite")
     p.add_argument("--duration", type=float, default=600.0, help="seconds each run lasts")
     p.add_argument("--rate", default="memory=20,sqlite=10", help="jobs/s: 20, or memory=20,sqlite=10")
@@ -454,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "child":
         return child_main(args)
+    if args.command == "replot":
+        runs = [r for path in sorted(Path(args.out).glob("soak-*.csv")) for r in read_csv(path)]
+        return 0 if plot(runs, Path(args.out) / "soak.png") else 1
     rates = parse_rates(args.rate)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,7 @@ async def test_a_timeout_that_cannot_be_committed_fires_later(tmp_path: Path) ->
     again = open_store(tmp_path)
     got = (await again.get_job("t")).job
     assert (got.state, got.version) == (JS.JOB_STATE_TYPE_ERROR, 2)
-    assert again.next_timeout_ns() == due  # still indexed; expiring a final job is a no-op
+    assert again.next_timeout_ns() is None  # a final job has no pending timeout to index
     assert await again.expire_due(due) == 0
     await again.close()
 

@@ -220,7 +220,37 @@ class StoreMachine(RuleBasedStateMachine):
             self.committed(type("R", (), {"job": rec.job, "revision": rec.mod_revision})())
         self.revision += count
 
+    @rule(retain_s=st.integers(0, 3), limit=st.integers(1, 4))
+    def remove_finished(self, retain_s: int, limit: int) -> None:
+        """Retention: final jobs (only) go, oldest final change first, each as one DELETED change."""
+        cutoff = time.time_ns() + self.clock_offset - retain_s * 10**9
+        due = sorted(
+            (
+                j
+                for j in self.jobs.values()
+                if rules.is_terminal_job(j.state) and j.update_time.ToNanoseconds() <= cutoff
+            ),
+            key=lambda j: (j.update_time.ToNanoseconds(), j.job_id),
+        )[:limit]
+        removed = run(self.store.remove_finished(cutoff, limit))
+        assert removed == len(due)
+        for offset, job in enumerate(due):
+            assert job.job_id not in self.store._jobs
+            revision = self.revision + 1 + offset
+            self.committed(type("R", (), {"job": job, "revision": revision})(), deleted=True)
+        self.revision += removed
+        assert self.store.stats().revision == self.revision
+
     # -- invariants ----------------------------------------------------------------------------------------
+
+    @invariant()
+    def timeouts_index_exactly_the_open_jobs_that_have_one(self) -> None:
+        expected = sorted(
+            (j.timeout_at.ToNanoseconds(), j.job_id, self.store._jobs[j.job_id].create_ns)
+            for j in self.jobs.values()
+            if j.HasField("timeout_at") and not rules.is_terminal_job(j.state)
+        )
+        assert self.store._timeouts == expected
 
     @invariant()
     def store_matches_the_model(self) -> None:

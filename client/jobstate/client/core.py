@@ -405,15 +405,20 @@ class JobCache:
             self.revision = max(self.revision, event.revision)
             return False
         job_id = event.job.job_id
-        if event.revision <= self.seen_at.get(job_id, 0):
+        last = self.seen_at.get(job_id)
+        if last is None:
+            # A deleted job leaves no trace here (retention removes jobs all day long, so tombstones would pile
+            # up): a change of a job not held, at or before the newest revision applied, repeats one from before
+            # a resume. INITIAL events come in list order, not revision order, so they are exempt.
+            if event.type != spb.WATCH_EVENT_TYPE_INITIAL and event.revision <= self.revision:
+                return False
+        elif event.revision <= last:
             return False
-        self.seen_at[job_id] = event.revision
         self.revision = max(self.revision, event.revision)
         if event.type == spb.WATCH_EVENT_TYPE_DELETED:
-            # Nothing of a deleted job is kept (retention removes jobs all day long): later events of the same
-            # id come from a newer job, at higher revisions.
             self.seen_at.pop(job_id, None)
             return self.jobs.pop(job_id, None) is not None
+        self.seen_at[job_id] = event.revision
         self.jobs[job_id] = event.job
         return True
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def _memory(config: ServerConfig) -> Store:
-    return MemoryStore(_hub(config), config.limits)
+    return MemoryStore(_hub(config), config.limits, retention=config.retain_finished > 0)
 
 
 def _sqlite(config: ServerConfig) -> Store:
@@ -28,7 +28,7 @@ def _sqlite(config: ServerConfig) -> Store:
 
     if not config.data_dir:
         raise ValueError("the sqlite store needs a data dir (--data-dir)")
-    return SqliteStore(config.data_dir, _hub(config), config.limits)
+    return SqliteStore(config.data_dir, _hub(config), config.limits, retention=config.retain_finished > 0)
 
 
 def _etcd(config: ServerConfig) -> Store:

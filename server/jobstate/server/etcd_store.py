@@ -246,8 +246,11 @@ class EtcdStore(Store):
         history_bytes: int = DEFAULT_HISTORY_BYTES,
         request_timeout: float = 5.0,
         connect_timeout: float = 10.0,
+        retention: bool = True,
     ) -> None:
         self.limits = limits
+        # Whether final jobs are indexed for ``remove_finished`` (not with retention off: nothing would pop them).
+        self.retention = retention
         self.target = channel_target(endpoints)
         base = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self._jobs_prefix = f"{base}/jobs/".encode()
@@ -279,12 +282,11 @@ class EtcdStore(Store):
         self._states: dict[str, int] = {}
         self._timeouts: list[tuple[int, str, int]] = []  # heap of (timeout_ns, job_id, create_revision)
         self._timeout_keys: set[tuple[str, int]] = set()
-        # Final jobs for retention: heap of (final_ns, job_id, mod_revision of the change that made it final).
+        # Final jobs for retention: heap of (final_ns, job_id, mod_revision of the change that made it final);
+        # entries of jobs deleted meanwhile (by a client, or by another server's retention) are skipped when
+        # they come up.
         self._finished: list[tuple[int, str, int]] = []
         self._finished_keys: set[tuple[str, int]] = set()
-        # Entries of jobs deleted before retention took them (by clients, or with retention off, which never
-        # pops the heap): compacted away once they are half of it.
-        self._stale_finished = 0
 
     # -- keys ----------------------------------------------------------------------------------------------
 
@@ -370,21 +372,13 @@ class EtcdStore(Store):
         heapq.heappush(self._timeouts, (job.timeout_at.ToNanoseconds(), job.job_id, create_revision))
 
     def _track_finished(self, job: pb.JobState, mod_revision: int) -> None:
-        if not rules.is_terminal_job(job.state):
+        if not self.retention or not rules.is_terminal_job(job.state):
             return
         key = (job.job_id, int(mod_revision))
         if key in self._finished_keys:
             return
         self._finished_keys.add(key)
         heapq.heappush(self._finished, (job.update_time.ToNanoseconds(), job.job_id, int(mod_revision)))
-
-    def _compact_finished(self) -> None:
-        if self._stale_finished < 1024 or self._stale_finished * 2 < len(self._finished):
-            return
-        self._finished = [t for t in self._finished if t[1] in self._states]
-        heapq.heapify(self._finished)
-        self._finished_keys = {(t[1], t[2]) for t in self._finished}
-        self._stale_finished = 0
 
     def _causes(self, events: Any) -> dict[int, int]:
         """The deletion causes put in these events' transactions, by revision."""
@@ -426,9 +420,7 @@ class EtcdStore(Store):
                         revision = int(ev.kv.mod_revision)
                         event = self._event(ev, causes.get(revision, 0))
                         if ev.type == _DELETE:
-                            if rules.is_terminal_job(self._states.pop(event.job_id, 0)):
-                                self._stale_finished += 1
-                                self._compact_finished()
+                            self._states.pop(event.job_id, None)
                         else:
                             self._states[event.job_id] = event.state
                             if ev.kv.create_revision == revision:  # only a new job can bring a new timeout
@@ -694,7 +686,6 @@ class EtcdStore(Store):
             _, job_id, mod_revision = item
             self._finished_keys.discard((job_id, mod_revision))
             if job_id not in self._states:
-                self._stale_finished = max(0, self._stale_finished - 1)
                 continue  # its deletion (by a client or another server's retention) has been seen already
             try:
                 # Guarded by the final change's revision: the job is deleted only as it was seen final, and by
@@ -1092,4 +1083,5 @@ def open_store(config: ServerConfig) -> EtcdStore:
         max_watchers=config.max_watchers,
         history_size=config.history_size,
         history_bytes=config.history_bytes,
+        retention=config.retain_finished > 0,
     )

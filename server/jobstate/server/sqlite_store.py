@@ -103,8 +103,9 @@ class SqliteStore(MemoryStore):
         *,
         synchronous: str = "FULL",
         busy_timeout: float = 5.0,
+        retention: bool = True,
     ) -> None:
-        super().__init__(hub, limits)
+        super().__init__(hub, limits, retention=retention)
         if synchronous not in ("FULL", "NORMAL", "EXTRA", "OFF"):
             raise ValueError(f"unknown synchronous mode {synchronous!r}")
         self.data_dir = Path(data_dir)
