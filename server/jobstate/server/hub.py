@@ -796,7 +796,14 @@ class WatchHub:
             taken += 1
             if c.revision < w.cursor:
                 continue
-            size += c.append_to(frames)
+            parts = c.parts
+            if parts is None:
+                frame = c._frame
+                frames.append(frame)
+                size += len(frame)
+            else:
+                frames.extend(parts.parts)
+                size += parts.size
             last = c.revision
         del pending[:taken]
         if pending:
@@ -827,7 +834,15 @@ class WatchHub:
             c = ring[rev % cap]
             assert c is not None
             if c is not GAP and (unfiltered or w.matches(c)):
-                size += c.append_to(frames)
+                # Inline rather than a method call: this loop runs once per change per watcher.
+                parts = c.parts
+                if parts is None:
+                    frame = c._frame
+                    frames.append(frame)
+                    size += len(frame)
+                else:
+                    frames.extend(parts.parts)
+                    size += parts.size
             rev += 1
         w.cursor = rev
         if rev > head:

@@ -7,9 +7,10 @@ reaches a watcher or is acknowledged: if the transaction fails, nothing changed 
 Tables:
 - ``jobs``: one row per live job (its serialized ``JobState`` and what the indexes need);
 - ``history``: every history entry of every live job (deleted with the job, in the same transaction);
-- ``events``: the last ``history_size`` changes as watchers receive them (the hub's serialized ``WatchEvent``
-  frame, with the job id and node ids its filters need), so after a restart a watcher resumes by revision with
-  nothing lost, and reopening does not parse or re-encode them;
+- ``events``: the changes the hub holds (the last ``history_size``, within ``history_bytes``) as watchers receive
+  them (the hub's serialized ``WatchEvent`` frame, with the job id and node ids its filters need), so after a
+  restart a watcher resumes by revision with nothing lost, and reopening does not parse or re-encode them. Each
+  row is a whole frame: a status update of a 2 MiB job writes 2 MiB here (the hub shares it in memory only);
 - ``meta``: the head revision (and the schema version).
 
 Durability: WAL mode with ``synchronous=FULL``: each commit fsyncs the WAL, so an acknowledged change survives
@@ -189,7 +190,9 @@ class SqliteStore(MemoryStore):
                     "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
                     (m.revision, m.event_type, job.job_id, " ".join(event.nodes), m.time_ns, event.frame),
                 )
-                db.execute("DELETE FROM events WHERE revision <= ?", (m.revision - self.hub.history_size,))
+                # What the hub let go of, by count or by bytes, is of no use after a restart either.
+                oldest_kept = max(m.revision - self.hub.history_size + 1, self.hub.oldest_revision)
+                db.execute("DELETE FROM events WHERE revision < ?", (oldest_kept,))
                 db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (m.revision,))
                 db.execute("COMMIT")
             except BaseException:
