@@ -5,13 +5,18 @@ Design (after Nomad's event buffer and etcd's watchable store):
 - One bounded ring holds the last ``history_size`` changes, each already serialized once into the bytes of a
   ``WatchResponse.events`` entry. A response is those byte strings joined, so a change that reaches a thousand
   watchers is encoded once, and a batch of waiting changes costs one message.
+- The ring is bounded by bytes too (``history_bytes``): each change is charged what it holds, and the oldest go
+  first. A large change is kept in pieces cut at the job's large fields, sharing every piece it did not change
+  with the job's previous change (a status update of a 2 MiB job holds about a kilobyte), and a shared piece is
+  charged once, to the newest change holding it, so the count is exact.
 - A watcher of every job is only a cursor into the ring. Publishing wakes all of them at once by setting one
   ``asyncio.Event`` and swapping in a fresh one: the writer never waits for a reader and does no per-watcher
   work for them.
 - A watcher with a filter (job ids or a node) is indexed by job id or node id, so a change costs work only
   for the watchers it matches: it is appended to their bounded pending queue. A watcher whose queue overflows
   falls back to reading the ring from its cursor, like an etcd "victim", and returns to its queue once it has
-  caught up.
+  caught up. The queue refers to changes in the ring: a change the ring lets go of drops its bytes at once,
+  so a stalled watcher's queue pins nothing beyond the ring's budget, and that watcher lags when it reads on.
 - A watcher whose cursor falls out of the ring (it read too slowly for too long) ends with ``WatcherLagged``,
   which names the revision to resume from. Nothing is ever skipped silently.
 
@@ -465,6 +470,8 @@ class WatchHub:
         self._oldest = head_revision + 1
 
     def _forget(self) -> None:
+        """Lets go of everything held (the head stays where it is: the caller sets it)."""
+        self._evict_through(self._head)
         self._ring = [None] * self._cap
         self._bytes = 0
         self._last.clear()
