@@ -110,6 +110,8 @@ _MAX_ATTEMPTS = 64
 # Watch responses waiting for one slow watcher before its etcd stream stops being read (flow control then
 # leaves the backlog with etcd).
 _WATCH_QUEUE = 64
+# ... and at most this many bytes of them (beyond the first): 64 responses of 2 MiB jobs would be 128 MiB a watcher.
+_WATCH_QUEUE_BYTES = 8 * 1024 * 1024
 _MAX_BATCH_BYTES = 1 << 20
 _EVENT_CACHE = 4096
 # ... and at most this many bytes of them: 4,096 jobs of 2 MiB would otherwise be 8 GiB.
@@ -204,12 +206,15 @@ class _Event:
 
 
 class _Watcher:
-    __slots__ = ("delivered", "ended", "queue", "reader", "ready")
+    __slots__ = ("delivered", "ended", "queue", "queued_bytes", "reader", "ready", "room")
 
     def __init__(self) -> None:
         # Every change up to this revision has been delivered (or passed the filter by).
         self.delivered = 0
         self.queue: asyncio.Queue[Any] = asyncio.Queue(_WATCH_QUEUE)
+        # The bytes of the etcd responses in ``queue``; the reader waits for ``room`` when they pass the bound.
+        self.queued_bytes = 0
+        self.room = asyncio.Event()
         self.reader: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()  # etcd accepted the watch
         self.ended = asyncio.Event()  # the stream has finished (close() waits for it)
@@ -812,8 +817,10 @@ class EtcdStore(Store):
         frames.append(encode_event(BOOKMARK, revision, None, 0))
         yield encode_response(frames, revision)
 
-    async def _read_watch(self, call: Any, start: int, queue: asyncio.Queue[Any]) -> None:
-        """Moves the etcd stream's responses (and how it ended) into the watcher's bounded queue."""
+    async def _read_watch(self, call: Any, start: int, w: _Watcher) -> None:
+        """Moves the etcd stream's responses (and how it ended) into the watcher's queue, bounded by count and by
+        bytes: past either, this stops reading and flow control leaves the rest with etcd."""
+        queue = w.queue
         try:
             await call.write(self._watch_request(start, prev_kv=True))
             while True:
@@ -821,18 +828,31 @@ class EtcdStore(Store):
                 if resp is _EOF:
                     await queue.put(StoreUnavailable("etcd ended the watch stream"))
                     return
+                size = resp.ByteSize()
+                while w.queued_bytes and w.queued_bytes + size > _WATCH_QUEUE_BYTES:
+                    w.room.clear()
+                    await w.room.wait()
+                w.queued_bytes += size
                 await queue.put(resp)
         except grpc.aio.AioRpcError as exc:
             await queue.put(self._unavailable(exc))
 
+    @staticmethod
+    def _taken(w: _Watcher, item: Any) -> Any:
+        """``item``, just taken from ``w``'s queue: its bytes leave the queue's count."""
+        if not isinstance(item, JobStateError):
+            w.queued_bytes -= item.ByteSize()
+            w.room.set()
+        return item
+
     async def _stream(self, w: _Watcher, spec: WatchSpec, start: int) -> AsyncIterator[bytes]:
         call = self._watch_stub.Watch(metadata=_REQUIRE_LEADER)
         # Everything this stream waits for arrives through the queue, so close() can end it at any point.
-        w.reader = asyncio.create_task(self._read_watch(call, start, w.queue), name="etcd-watch-reader")
+        w.reader = asyncio.create_task(self._read_watch(call, start, w), name="etcd-watch-reader")
         try:
             try:
                 async with asyncio.timeout(self._timeout):
-                    created = await w.queue.get()
+                    created = self._taken(w, await w.queue.get())
             except TimeoutError as exc:
                 raise StoreUnavailable("etcd did not answer the watch request in time") from exc
             if isinstance(created, JobStateError):
@@ -846,14 +866,15 @@ class EtcdStore(Store):
                 raise StoreUnavailable(f"etcd refused the watch: {created.cancel_reason}")
             w.ready.set()
             if created.events:
+                w.queued_bytes += created.ByteSize()
                 w.queue.put_nowait(created)
             while True:
                 if spec.progress_interval is None:
-                    item = await w.queue.get()
+                    item = self._taken(w, await w.queue.get())
                 else:
                     try:
                         async with asyncio.timeout(spec.progress_interval):
-                            item = await w.queue.get()
+                            item = self._taken(w, await w.queue.get())
                     except TimeoutError:
                         # Every change up to the last revision etcd sent on this stream has been delivered.
                         yield encode_response((encode_event(BOOKMARK, w.delivered, None, 0),), w.delivered)
@@ -896,7 +917,7 @@ class EtcdStore(Store):
                         w.delivered = revision
                     if size >= _MAX_BATCH_BYTES or w.queue.empty():
                         break
-                    item = w.queue.get_nowait()
+                    item = self._taken(w, w.queue.get_nowait())
                 if frames:
                     yield encode_response(frames, w.delivered)
                 if failure is not None:
