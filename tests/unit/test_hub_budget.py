@@ -223,3 +223,17 @@ def test_restore_keeps_the_newest_changes_within_the_budget() -> None:
     assert hub.bytes_held <= 256 * KiB
     assert hub.bytes_held == accounted(hub)
     assert 40 < hub.oldest_revision <= 50
+
+
+async def test_a_large_event_that_is_not_a_job_as_written_here_is_kept_whole() -> None:
+    # etcd's follower publishes what it reads: a value another program wrote there must not break the hub.
+    hub = WatchHub(100)
+    frame = encode_event(UPDATED, 1, b"\x0f" * 40_000, 7)  # field 1 with wire type 7: not protobuf
+    c = Change.restored(1, "odd", (), frame)
+    hub.publish_change(c)
+    assert c.parts is None
+    assert c.frame == frame
+    assert hub.bytes_held == accounted(hub) == CHANGE_OVERHEAD + len(frame)
+    stream = hub.watch(WatchSpec(start_revision=1))
+    assert await next_response(stream) == frame + b"\x10\x01"
+    await stream.aclose()  # type: ignore[attr-defined]

@@ -943,7 +943,7 @@ class EtcdStore(Store):
             history_size=0,
             watchers=len(self._watchers) + self._hub.watcher_count,
             watcher_lags=[max(0, self._head - w.delivered) for w in self._watchers] + self._hub.lags(),
-            history_bytes_held=self._hub.bytes_held + self._events_bytes,
+            history_bytes_held=self._hub.bytes_held,
             history_bytes=self._hub.history_bytes,
         )
 

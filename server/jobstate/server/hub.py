@@ -577,9 +577,14 @@ class WatchHub:
         revision = c.revision
         self._evict_through(revision - self._cap)
         cost = CHANGE_OVERHEAD
+        parts: _Parts | None = None
         if c.parts is None and len(c._frame) >= SPLIT_MIN:
             previous = self._last.get(c.job_id)
-            parts, reused = split_frame(c._frame, previous.parts if previous is not None else None)
+            try:
+                parts, reused = split_frame(c._frame, previous.parts if previous is not None else None)
+            except (ValueError, IndexError):  # not a job as this server writes them: kept whole
+                parts = None
+        if parts is not None:
             c.parts, c._frame = parts, b""
             if previous is not None and reused:
                 # The pieces both hold are charged to the newer: the older goes first and leaves them alive.
