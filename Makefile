@@ -66,5 +66,11 @@ $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
 bench: $(VENV)/.bench-installed
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) -m bench $(if $(filter-out 0,$(QUICK)),--quick) $(BENCH_ARGS)
 
+# Issue 13's amplification repro: the server's RSS after one 2 MiB job and 1,000 status updates.
+# ARGS: e.g. --store sqlite, --rev COMMIT (measure another commit's server), -- --history-bytes 8MiB.
+.PHONY: amplification
+amplification: venv etcd-deps
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) -m bench.amplification $(ARGS)
+
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache build *.egg-info
