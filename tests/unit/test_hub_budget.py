@@ -45,7 +45,7 @@ def accounted(hub: WatchHub) -> int:
         assert c is not None, f"revision {r} is held but its slot is empty"
         if c is GAP:
             continue
-        parts = c.parts.parts if c.parts is not None else (c._frame,)
+        parts = c.parts.parts if c.parts is not None else (c.frame,)
         total += CHANGE_OVERHEAD + (PART_OVERHEAD * len(parts) if c.parts is not None else 0)
         for p in parts:
             if id(p) not in seen:
