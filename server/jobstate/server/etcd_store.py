@@ -261,6 +261,8 @@ class EtcdStore(Store):
         self._hub = WatchHub(min(history_size or _HUB_RING, _HUB_RING), history_bytes=history_bytes)
         # True while the follower's etcd watch is established: only then may the hub serve new watchers.
         self._following = False
+        # Set once the follower's first etcd watch is established (see ``_start``).
+        self._followed = asyncio.Event()
         self._events: OrderedDict[tuple[int, bytes], _Event] = OrderedDict()
         self._events_bytes = 0
         # What this server knows from its follow watch: for stats and the sweeper.
@@ -325,6 +327,12 @@ class EtcdStore(Store):
                 await asyncio.sleep(0.2)
         self._hub.restart_at(revision, _follow_lost)
         self._follower = asyncio.create_task(self._follow(revision + 1), name="etcd-follow")
+        # Watchers that arrive before the follower's watch is established get an etcd watch of their own; a
+        # server that has just started should serve them from the hub, so it waits a moment for it (etcd answers
+        # a watch at once when it is up; if it does not, the server starts anyway and those watchers fall back).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, min(5.0, deadline - time.monotonic()))):
+                await self._followed.wait()
         log.info("etcd store ready", extra={"etcd": self.target, "revision": revision, "jobs": len(self._states)})
 
     async def _load(self) -> int:
@@ -375,6 +383,7 @@ class EtcdStore(Store):
                         break
                     if resp.created:
                         self._following = True
+                        self._followed.set()
                     for ev in resp.events:
                         revision = int(ev.kv.mod_revision)
                         event = self._event(ev)
