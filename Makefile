@@ -105,5 +105,11 @@ SOAK_ENGINES ?= memory,sqlite
 soak: $(VENV)/.bench-installed
 	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) -m bench.soak --engines $(SOAK_ENGINES) --duration $(SOAK_SECONDS) $(SOAK_ARGS)
 
+# Issue 13's amplification repro: the server's RSS after one 2 MiB job and 1,000 status updates.
+# ARGS: e.g. --store sqlite, --rev COMMIT (measure another commit's server), -- --history-bytes 8MiB.
+.PHONY: amplification
+amplification: venv etcd-deps
+	PYTHONPATH=$(PYTHONPATH):$(CURDIR) $(PY) -m bench.amplification $(ARGS)
+
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache build *.egg-info

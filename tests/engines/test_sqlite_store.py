@@ -96,6 +96,32 @@ async def test_event_history_is_pruned_to_history_size(tmp_path: Path) -> None:
     await again.close()
 
 
+async def test_event_history_is_pruned_to_history_bytes_and_restored_within_them(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path, WatchHub(1000, history_bytes=256 * 1024))
+    await store.create_job("big")
+    await store.create_execution("big", pb.ExecutionState(node_id="n", compute_reference="e"))
+    for i in range(30):  # new output each time: 50 KB a change, nothing shared
+        run = pb.ExecutionState(run_output=pb.RunCommandResult(stdout=f"{i:05d}" * 10_000))
+        await store.update_execution("big", "e", run)
+    oldest, head = store.hub.oldest_revision, store.hub.head_revision
+    assert oldest > 2
+    await store.close()
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        kept = [r for (r,) in db.execute("SELECT revision FROM events ORDER BY revision")]
+    db.close()
+    # The change that let the oldest go was written before it went: at most one row more than the hub held.
+    assert kept[-1] == head
+    assert oldest - 1 <= kept[0] <= oldest
+
+    again = SqliteStore(tmp_path, WatchHub(1000, history_bytes=256 * 1024))
+    assert (again.hub.oldest_revision, again.hub.head_revision) == (oldest, head)
+    assert again.hub.bytes_held <= 256 * 1024
+    with pytest.raises(errors.RevisionCompacted):
+        await frames(again, oldest - 1, head)
+    assert [e.revision for e in await frames(again, oldest, head)] == list(range(oldest, head + 1))
+    await again.close()
+
+
 async def test_a_failed_write_changes_nothing(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     await store.create_job("a")

@@ -45,7 +45,7 @@ def accounted(hub: WatchHub) -> int:
         assert c is not None, f"revision {r} is held but its slot is empty"
         if c is GAP:
             continue
-        parts = c.parts.parts if c.parts is not None else (c._frame,)
+        parts = c.parts.parts if c.parts is not None else (c.frame,)
         total += CHANGE_OVERHEAD + (PART_OVERHEAD * len(parts) if c.parts is not None else 0)
         for p in parts:
             if id(p) not in seen:
@@ -223,3 +223,17 @@ def test_restore_keeps_the_newest_changes_within_the_budget() -> None:
     assert hub.bytes_held <= 256 * KiB
     assert hub.bytes_held == accounted(hub)
     assert 40 < hub.oldest_revision <= 50
+
+
+async def test_a_large_event_that_is_not_a_job_as_written_here_is_kept_whole() -> None:
+    # etcd's follower publishes what it reads: a value another program wrote there must not break the hub.
+    hub = WatchHub(100)
+    frame = encode_event(UPDATED, 1, b"\x0f" * 40_000, 7)  # field 1 with wire type 7: not protobuf
+    c = Change.restored(1, "odd", (), frame)
+    hub.publish_change(c)
+    assert c.parts is None
+    assert c.frame == frame
+    assert hub.bytes_held == accounted(hub) == CHANGE_OVERHEAD + len(frame)
+    stream = hub.watch(WatchSpec(start_revision=1))
+    assert await next_response(stream) == frame + b"\x10\x01"
+    await stream.aclose()  # type: ignore[attr-defined]

@@ -272,7 +272,9 @@ class ListJobsRequest(_message.Message):
     node_id: _builtins.str
     """Only jobs with an execution on this node; empty: every job."""
     page_size: _builtins.int
-    """The most jobs to return; 0: the server's default (100). Larger values are capped at 1000."""
+    """The most jobs to return; 0: the server's default (100). Larger values are capped at 1000. A page also ends
+    before its jobs pass 4 MiB - 64 KiB (so any gRPC client can receive it): follow next_page_token.
+    """
     page_token: _builtins.str
     """The next_page_token of the previous page; empty: the first page."""
     @_builtins.property
@@ -610,7 +612,9 @@ class GetJobHistoryRequest(_message.Message):
     job_id: _builtins.str
     """The job's id."""
     page_size: _builtins.int
-    """The most entries to return; 0: the server's default (100). Larger values are capped at 1000."""
+    """The most entries to return; 0: the server's default (100). Larger values are capped at 1000. A page also
+    ends before its entries pass 4 MiB - 64 KiB: follow next_page_token.
+    """
     page_token: _builtins.str
     """The next_page_token of the previous page; empty: the first page."""
     def __init__(

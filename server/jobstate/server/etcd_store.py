@@ -119,6 +119,8 @@ _MAX_ATTEMPTS = 64
 # Watch responses waiting for one slow watcher before its etcd stream stops being read (flow control then
 # leaves the backlog with etcd).
 _WATCH_QUEUE = 64
+# ... and at most this many bytes of them (beyond the first): 64 responses of 2 MiB jobs would be 128 MiB a watcher.
+_WATCH_QUEUE_BYTES = 8 * 1024 * 1024
 _MAX_BATCH_BYTES = 1 << 20
 _EVENT_CACHE = 4096
 # ... and at most this many bytes of them: 4,096 jobs of 2 MiB would otherwise be 8 GiB.
@@ -217,12 +219,15 @@ class _Event:
 
 
 class _Watcher:
-    __slots__ = ("delivered", "ended", "queue", "reader", "ready")
+    __slots__ = ("delivered", "ended", "queue", "queued_bytes", "reader", "ready", "room")
 
     def __init__(self) -> None:
         # Every change up to this revision has been delivered (or passed the filter by).
         self.delivered = 0
         self.queue: asyncio.Queue[Any] = asyncio.Queue(_WATCH_QUEUE)
+        # The bytes of the etcd responses in ``queue``; the reader waits for ``room`` when they pass the bound.
+        self.queued_bytes = 0
+        self.room = asyncio.Event()
         self.reader: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()  # etcd accepted the watch
         self.ended = asyncio.Event()  # the stream has finished (close() waits for it)
@@ -275,6 +280,8 @@ class EtcdStore(Store):
         self._hub = WatchHub(min(history_size or _HUB_RING, _HUB_RING), history_bytes=history_bytes)
         # True while the follower's etcd watch is established: only then may the hub serve new watchers.
         self._following = False
+        # Set once the follower's first etcd watch is established (see ``_start``).
+        self._followed = asyncio.Event()
         self._events: OrderedDict[tuple[int, bytes], _Event] = OrderedDict()
         self._events_bytes = 0
         # What this server knows from its follow watch: for stats and the sweeper.
@@ -344,6 +351,12 @@ class EtcdStore(Store):
                 await asyncio.sleep(0.2)
         self._hub.restart_at(revision, _follow_lost)
         self._follower = asyncio.create_task(self._follow(revision + 1), name="etcd-follow")
+        # Watchers that arrive before the follower's watch is established get an etcd watch of their own; a
+        # server that has just started should serve them from the hub, so it waits a moment for it (etcd answers
+        # a watch at once when it is up; if it does not, the server starts anyway and those watchers fall back).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, min(5.0, deadline - time.monotonic()))):
+                await self._followed.wait()
         log.info("etcd store ready", extra={"etcd": self.target, "revision": revision, "jobs": len(self._states)})
 
     async def _load(self) -> int:
@@ -413,6 +426,7 @@ class EtcdStore(Store):
                         break
                     if resp.created:
                         self._following = True
+                        self._followed.set()
                     causes = self._causes(resp.events)
                     for ev in resp.events:
                         if ev.kv.key == self._cause_key:
@@ -927,8 +941,10 @@ class EtcdStore(Store):
         frames.append(encode_event(BOOKMARK, revision, None, 0))
         yield encode_response(frames, revision)
 
-    async def _read_watch(self, call: Any, start: int, queue: asyncio.Queue[Any]) -> None:
-        """Moves the etcd stream's responses (and how it ended) into the watcher's bounded queue."""
+    async def _read_watch(self, call: Any, start: int, w: _Watcher) -> None:
+        """Moves the etcd stream's responses (and how it ended) into the watcher's queue, bounded by count and by
+        bytes: past either, this stops reading and flow control leaves the rest with etcd."""
+        queue = w.queue
         try:
             await call.write(self._watch_request(start, prev_kv=True))
             while True:
@@ -936,18 +952,31 @@ class EtcdStore(Store):
                 if resp is _EOF:
                     await queue.put(StoreUnavailable("etcd ended the watch stream"))
                     return
+                size = resp.ByteSize()
+                while w.queued_bytes and w.queued_bytes + size > _WATCH_QUEUE_BYTES:
+                    w.room.clear()
+                    await w.room.wait()
+                w.queued_bytes += size
                 await queue.put(resp)
         except grpc.aio.AioRpcError as exc:
             await queue.put(self._unavailable(exc))
 
+    @staticmethod
+    def _taken(w: _Watcher, item: Any) -> Any:
+        """``item``, just taken from ``w``'s queue: its bytes leave the queue's count."""
+        if not isinstance(item, JobStateError):
+            w.queued_bytes -= item.ByteSize()
+            w.room.set()
+        return item
+
     async def _stream(self, w: _Watcher, spec: WatchSpec, start: int) -> AsyncIterator[bytes]:
         call = self._watch_stub.Watch(metadata=_REQUIRE_LEADER)
         # Everything this stream waits for arrives through the queue, so close() can end it at any point.
-        w.reader = asyncio.create_task(self._read_watch(call, start, w.queue), name="etcd-watch-reader")
+        w.reader = asyncio.create_task(self._read_watch(call, start, w), name="etcd-watch-reader")
         try:
             try:
                 async with asyncio.timeout(self._timeout):
-                    created = await w.queue.get()
+                    created = self._taken(w, await w.queue.get())
             except TimeoutError as exc:
                 raise StoreUnavailable("etcd did not answer the watch request in time") from exc
             if isinstance(created, JobStateError):
@@ -961,14 +990,15 @@ class EtcdStore(Store):
                 raise StoreUnavailable(f"etcd refused the watch: {created.cancel_reason}")
             w.ready.set()
             if created.events:
+                w.queued_bytes += created.ByteSize()
                 w.queue.put_nowait(created)
             while True:
                 if spec.progress_interval is None:
-                    item = await w.queue.get()
+                    item = self._taken(w, await w.queue.get())
                 else:
                     try:
                         async with asyncio.timeout(spec.progress_interval):
-                            item = await w.queue.get()
+                            item = self._taken(w, await w.queue.get())
                     except TimeoutError:
                         # Every change up to the last revision etcd sent on this stream has been delivered.
                         yield encode_response((encode_event(BOOKMARK, w.delivered, None, 0),), w.delivered)
@@ -1012,7 +1042,7 @@ class EtcdStore(Store):
                         w.delivered = revision
                     if size >= _MAX_BATCH_BYTES or w.queue.empty():
                         break
-                    item = w.queue.get_nowait()
+                    item = self._taken(w, w.queue.get_nowait())
                 if frames:
                     yield encode_response(frames, w.delivered)
                 if failure is not None:
@@ -1038,7 +1068,7 @@ class EtcdStore(Store):
             history_size=0,
             watchers=len(self._watchers) + self._hub.watcher_count,
             watcher_lags=[max(0, self._head - w.delivered) for w in self._watchers] + self._hub.lags(),
-            history_bytes_held=self._hub.bytes_held + self._events_bytes,
+            history_bytes_held=self._hub.bytes_held,
             history_bytes=self._hub.history_bytes,
             job_history_entries=-1,  # in etcd; counting them would be a range read per scrape
         )

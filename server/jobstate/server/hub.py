@@ -5,13 +5,18 @@ Design (after Nomad's event buffer and etcd's watchable store):
 - One bounded ring holds the last ``history_size`` changes, each already serialized once into the bytes of a
   ``WatchResponse.events`` entry. A response is those byte strings joined, so a change that reaches a thousand
   watchers is encoded once, and a batch of waiting changes costs one message.
+- The ring is bounded by bytes too (``history_bytes``): each change is charged what it holds, and the oldest go
+  first. A large change is kept in pieces cut at the job's large fields, sharing every piece it did not change
+  with the job's previous change (a status update of a 2 MiB job holds about a kilobyte), and a shared piece is
+  charged once, to the newest change holding it, so the count is exact.
 - A watcher of every job is only a cursor into the ring. Publishing wakes all of them at once by setting one
   ``asyncio.Event`` and swapping in a fresh one: the writer never waits for a reader and does no per-watcher
   work for them.
 - A watcher with a filter (job ids or a node) is indexed by job id or node id, so a change costs work only
   for the watchers it matches: it is appended to their bounded pending queue. A watcher whose queue overflows
   falls back to reading the ring from its cursor, like an etcd "victim", and returns to its queue once it has
-  caught up.
+  caught up. The queue refers to changes in the ring: a change the ring lets go of drops its bytes at once,
+  so a stalled watcher's queue pins nothing beyond the ring's budget, and that watcher lags when it reads on.
 - A watcher whose cursor falls out of the ring (it read too slowly for too long) ends with ``WatcherLagged``,
   which names the revision to resume from. Nothing is ever skipped silently.
 
@@ -118,13 +123,13 @@ PART_OVERHEAD = 80
 class Change:
     """One committed change as the hub keeps it: serialized once, plus what filters need.
 
-    ``frame`` is the serialized ``WatchEvent`` entry. A large one is kept in ``parts`` instead (see
-    ``split_frame``), some of them shared with the job's change before it; ``cost`` is what the hub's byte budget
-    charges for it (the bytes it alone holds, plus overhead). A change the hub has evicted holds no bytes at all,
-    so a watcher's queue that still names it pins nothing.
+    ``data`` is the serialized ``WatchEvent`` entry, or, for a large one, its ``_Parts`` (see ``split_frame``),
+    some of them shared with the job's change before it. A change the hub has evicted holds no bytes at all, so a
+    watcher's queue that still names it pins nothing.
     """
 
-    __slots__ = ("_frame", "cost", "job_id", "nodes", "parts", "revision")
+    # As few slots as before the byte budget (a held change costs 8 bytes a slot, 100,000 of them by default).
+    __slots__ = ("data", "job_id", "nodes", "revision")
 
     def __init__(
         self,
@@ -143,46 +148,51 @@ class Change:
         self.job_id = job_id if job_id is not None else job.job_id
         self.nodes = node_tuple(job)
         data = job_bytes if job_bytes is not None else job.SerializeToString()
-        self._frame = encode_event(event_type, revision, data, time_ns, cause)
-        self.parts: _Parts | None = None
-        self.cost = 0
+        self.data: bytes | _Parts = encode_event(event_type, revision, data, time_ns, cause)
 
     @classmethod
     def restored(cls, revision: int, job_id: str, nodes: tuple[str, ...], frame: bytes) -> Change:
         """A change read back from disk, already serialized (a persistent engine stores ``frame``)."""
         c = cls.__new__(cls)
-        c.revision, c.job_id, c.nodes, c._frame, c.parts, c.cost = revision, job_id, nodes, frame, None, 0
+        c.revision, c.job_id, c.nodes, c.data = revision, job_id, nodes, frame
         return c
 
     @property
     def frame(self) -> bytes:
         """The serialized event (joined from its parts when split; empty once evicted)."""
-        return self._frame if self.parts is None else b"".join(self.parts.parts)
+        d = self.data
+        return d if isinstance(d, bytes) else b"".join(d.parts)
+
+    @property
+    def parts(self) -> _Parts | None:
+        d = self.data
+        return None if isinstance(d, bytes) else d
 
     @property
     def size(self) -> int:
         """The event's length on the wire."""
-        return len(self._frame) if self.parts is None else self.parts.size
+        d = self.data
+        return len(d) if isinstance(d, bytes) else d.size
 
-    def append_to(self, frames: list[bytes]) -> int:
-        """Adds the event's bytes to a response being built; returns how many."""
-        if self.parts is None:
-            frames.append(self._frame)
-            return len(self._frame)
-        frames.extend(self.parts.parts)
-        return self.parts.size
+    @property
+    def cost(self) -> int:
+        """What the hub's byte budget charges for it: the bytes it alone holds, plus overhead."""
+        d = self.data
+        return CHANGE_OVERHEAD + len(d) if isinstance(d, bytes) else d.cost
 
 
 class _Parts:
     """A large event in pieces: ``keys[i]`` names where ``parts[i]`` sits in the job (None: the small fields
-    between the large ones), so the next change of the job can reuse each piece it did not change."""
+    between the large ones), so the next change of the job can reuse each piece it did not change. ``cost`` is
+    what the change is charged: a piece shared with the job's next change is charged to that one."""
 
-    __slots__ = ("keys", "parts", "size")
+    __slots__ = ("cost", "keys", "parts", "size")
 
     def __init__(self, parts: tuple[bytes, ...], keys: tuple[int | None, ...]) -> None:
         self.parts = parts
         self.keys = keys
         self.size = sum(map(len, parts))
+        self.cost = CHANGE_OVERHEAD + self.size + PART_OVERHEAD * len(parts)
 
 
 # The mark of a revision that holds no change (see ``WatchHub.skip_to``): it matches no watcher.
@@ -469,6 +479,8 @@ class WatchHub:
         self._oldest = head_revision + 1
 
     def _forget(self) -> None:
+        """Lets go of everything held (the head stays where it is: the caller sets it)."""
+        self._evict_through(self._head)
         self._ring = [None] * self._cap
         self._bytes = 0
         self._last.clear()
@@ -573,21 +585,25 @@ class WatchHub:
         ``history_size`` changes, taking at most ``history_bytes`` (the newest change is always held)."""
         revision = c.revision
         self._evict_through(revision - self._cap)
-        cost = CHANGE_OVERHEAD
-        if c.parts is None and len(c._frame) >= SPLIT_MIN:
+        data = c.data
+        if isinstance(data, bytes) and len(data) >= SPLIT_MIN:
             previous = self._last.get(c.job_id)
-            parts, reused = split_frame(c._frame, previous.parts if previous is not None else None)
-            c.parts, c._frame = parts, b""
-            if previous is not None and reused:
-                # The pieces both hold are charged to the newer: the older goes first and leaves them alive.
-                previous.cost -= reused
-                self._bytes -= reused
-            self._last[c.job_id] = c
-            cost += parts.size + PART_OVERHEAD * len(parts.parts)
-        else:
+            try:
+                data, reused = split_frame(data, previous.parts if previous is not None else None)
+            except (ValueError, IndexError):  # not a job as this server writes them: kept whole
+                pass
+            else:
+                c.data = data
+                if previous is not None and reused:
+                    # The pieces both hold are charged to the newer: the older goes first and leaves them alive.
+                    previous_parts = previous.data
+                    assert not isinstance(previous_parts, bytes)
+                    previous_parts.cost -= reused
+                    self._bytes -= reused
+                self._last[c.job_id] = c
+        if isinstance(data, bytes):
             self._last.pop(c.job_id, None)
-            cost += len(c._frame)
-        c.cost = cost
+        cost = c.cost
         self._ring[revision % self._cap] = c
         self._head = revision
         self._bytes += cost
@@ -610,7 +626,7 @@ class WatchHub:
                 del self._last[c.job_id]
             # A filtered watcher's queue may still name it: its bytes go now all the same, and that watcher is
             # told it lagged when it reads on (``_collect``), as a ring reader would be.
-            c._frame, c.parts, c.cost = b"", None, 0
+            c.data = b""
         self._oldest = revision + 1
 
     def _schedule_wake(self) -> None:
@@ -800,7 +816,13 @@ class WatchHub:
             taken += 1
             if c.revision < w.cursor:
                 continue
-            size += c.append_to(frames)
+            data = c.data
+            if isinstance(data, bytes):
+                frames.append(data)
+                size += len(data)
+            else:
+                frames.extend(data.parts)
+                size += data.size
             last = c.revision
         del pending[:taken]
         if pending:
@@ -831,7 +853,14 @@ class WatchHub:
             c = ring[rev % cap]
             assert c is not None
             if c is not GAP and (unfiltered or w.matches(c)):
-                size += c.append_to(frames)
+                # Inline rather than a method call: this loop runs once per change per watcher.
+                data = c.data
+                if isinstance(data, bytes):
+                    frames.append(data)
+                    size += len(data)
+                else:
+                    frames.extend(data.parts)
+                    size += data.size
             rev += 1
         w.cursor = rev
         if rev > head:

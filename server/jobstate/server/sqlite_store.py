@@ -8,9 +8,10 @@ Tables:
 - ``jobs``: one row per live job (its serialized ``JobState`` and what the indexes need);
 - ``history``: the last ``max_history_per_job`` history entries of every live job (older ones deleted by the
   transaction that adds a new one; all of them with the job, in the same transaction);
-- ``events``: the last ``history_size`` changes as watchers receive them (the hub's serialized ``WatchEvent``
-  frame, with the job id and node ids its filters need), so after a restart a watcher resumes by revision with
-  nothing lost, and reopening does not parse or re-encode them;
+- ``events``: the changes the hub holds (the last ``history_size``, within ``history_bytes``) as watchers receive
+  them (the hub's serialized ``WatchEvent`` frame, with the job id and node ids its filters need), so after a
+  restart a watcher resumes by revision with nothing lost, and reopening does not parse or re-encode them. Each
+  row is a whole frame: a status update of a 2 MiB job writes 2 MiB here (the hub shares it in memory only);
 - ``meta``: the head revision (and the schema version).
 
 A job's retention clock (``--retain-finished``) is its ``update_time``, inside the stored ``JobState``: a final
@@ -252,7 +253,9 @@ class SqliteStore(MemoryStore):
             try:
                 for m in mutations:
                     self._write(m)
-                db.execute("DELETE FROM events WHERE revision <= ?", (last - self.hub.history_size,))
+                # What the hub let go of, by count or by bytes, is of no use after a restart either.
+                oldest_kept = max(last - self.hub.history_size + 1, self.hub.oldest_revision)
+                db.execute("DELETE FROM events WHERE revision < ?", (oldest_kept,))
                 db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (last,))
                 db.execute("COMMIT")
             except BaseException:

@@ -219,7 +219,8 @@ export type ListJobsRequest = Message<"jobstate.v1.ListJobsRequest"> & {
   nodeId: string;
 
   /**
-   * The most jobs to return; 0: the server's default (100). Larger values are capped at 1000.
+   * The most jobs to return; 0: the server's default (100). Larger values are capped at 1000. A page also ends
+   * before its jobs pass 4 MiB - 64 KiB (so any gRPC client can receive it): follow next_page_token.
    *
    * @generated from field: int32 page_size = 3;
    */
@@ -579,7 +580,8 @@ export type GetJobHistoryRequest = Message<"jobstate.v1.GetJobHistoryRequest"> &
   jobId: string;
 
   /**
-   * The most entries to return; 0: the server's default (100). Larger values are capped at 1000.
+   * The most entries to return; 0: the server's default (100). Larger values are capped at 1000. A page also
+   * ends before its entries pass 4 MiB - 64 KiB: follow next_page_token.
    *
    * @generated from field: int32 page_size = 2;
    */
