@@ -101,7 +101,10 @@ def test_filters_by_state_node_and_text(make_web_server: Any, page: Any) -> None
         expect(page.locator("#jobs-body tr")).to_have_count(2)
         expect(row(page, "build-1")).to_have_count(0)
         page.select_option("#filter-node", "")
-        page.fill("#filter-text", "deploy")
+        page.locator("#filter-node").blur()
+        page.keyboard.press("/")
+        expect(page.locator("#filter-text")).to_be_focused()
+        page.keyboard.type("deploy")
         expect(page.locator("#jobs-body tr")).to_have_count(1)
         expect(row(page, "deploy-0")).to_be_visible()
         page.fill("#filter-text", "nothing-like-this")
@@ -128,7 +131,10 @@ def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any) 
         c.update_job_state("job-h", "in_progress", comment="running on node-a")
         failed = pb.ExecutionState(state=pb.EXECUTION_STATE_TYPE_FAILED, status="exit 3")
         failed.run_output.exit_code = 3
-        c.update_execution("job-h", "e1", failed, update_mask=["state", "status", "run_output.exit_code"])
+        failed.run_output.stdout = "step 1 ok\nstep 2 ok\n"
+        failed.run_output.stderr = "step 3: disk full"
+        mask = ["state", "status", "run_output.exit_code", "run_output.stdout", "run_output.stderr"]
+        c.update_execution("job-h", "e1", failed, update_mask=mask)
         c.create_execution("job-h", "node-c", compute_reference="e3", state="bid_accepted", status="retry 1")
 
         page.goto(server.url)
@@ -149,6 +155,11 @@ def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any) 
         expect(e1).to_have_attribute("data-state", "FAILED")
         expect(e1).to_contain_text("node-a")
         expect(e1.locator("td").nth(5)).to_have_text("3")
+        # The row opens on its output.
+        e1.click()
+        detail = page.locator('#exec-body tr[data-detail="e1"]')
+        expect(detail.locator("pre").first).to_have_text("step 1 ok\nstep 2 ok\n")
+        expect(detail).to_contain_text("step 3: disk full")
         expect(page.locator('#exec-body tr[data-exec="e2"]')).to_contain_text("no capacity")
         expect(page.locator("#lanes .lane")).to_have_count(5)  # the job, three executions, the time axis
 
@@ -311,6 +322,11 @@ def test_screenshots_at_desktop_and_phone_width(make_web_server: Any, browser: A
         job = max(finished, key=lambda j: (len(j.executions), j.job_id))
         page.goto(f"{server.url}#/job/{job.job_id}")
         expect(page.locator("#timeline > li")).to_have_count(job.version)
+        # Open the executions that have output: the failures' stderr and the run that published results.
+        with_output = [e.compute_reference for e in job.executions if e.HasField("run_output")]
+        for ref in with_output:
+            page.locator(f'#exec-body tr[data-exec="{ref}"]').click()
+        expect(page.locator("#exec-body tr.exec-detail")).to_have_count(len(with_output))
         screenshot(page, "dashboard-job.png", full_page=True)
     finally:
         phone.close()

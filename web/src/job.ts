@@ -1,6 +1,12 @@
 // A job's page: the job as the live watch has it, its executions, and its history (GetJobHistory) drawn as a
 // timeline: one lane for the job and one per execution, then every change in order.
-import type { ExecutionStateType, JobHistoryEntry, JobState, JobStateType } from "../gen/jobstate/v1/job_state_pb";
+import type {
+  ExecutionState,
+  ExecutionStateType,
+  JobHistoryEntry,
+  JobState,
+  JobStateType,
+} from "../gen/jobstate/v1/job_state_pb";
 import { describe, type JobStateClient, serverError } from "./api";
 import {
   DESIRED_NAMES,
@@ -37,6 +43,47 @@ function durationLabel(ms: number): string {
   return `${Math.floor(ms / 3_600_000)}h${Math.round((ms % 3_600_000) / 60_000)}m`;
 }
 
+// Output is bounded by the server (256 KiB each); the page shows the start of it and says so.
+const SHOWN_OUTPUT = 16 * 1024;
+
+function output(label: string, text: string, truncated: boolean): HTMLElement | null {
+  if (!text) return null;
+  const cut = text.length > SHOWN_OUTPUT;
+  const note = cut ? ` (first ${fmtInt(SHOWN_OUTPUT)} of ${fmtInt(text.length)} characters)` : truncated ? " (truncated by the node)" : "";
+  return h("div", { class: "out" }, h("div", { class: "out-label" }, label, h("span", { class: "muted" }, note)), h("pre", null, cut ? text.slice(0, SHOWN_OUTPUT) : text));
+}
+
+/** What a row of the executions table hides: full status, output, runner error, published results. */
+function executionDetails(e: ExecutionState): HTMLElement | null {
+  const parts: HTMLElement[] = [];
+  const o = e.runOutput;
+  if (o) {
+    if (o.runnerError) parts.push(h("div", { class: "kv" }, h("b", null, "Runner error "), o.runnerError));
+    for (const x of [output("stdout", o.stdout, o.stdoutTruncated), output("stderr", o.stderr, o.stderrTruncated)]) if (x) parts.push(x);
+  }
+  const r = e.publishedResults;
+  if (r && (r.storageSource || r.name || r.cid || r.url || r.path || Object.keys(r.metadata).length)) {
+    const fields: [string, string][] = [
+      ["source", r.storageSource],
+      ["name", r.name],
+      ["cid", r.cid],
+      ["url", r.url],
+      ["path", r.path],
+      ...Object.entries(r.metadata).map(([k, v]): [string, string] => [k, v]),
+    ];
+    parts.push(
+      h(
+        "div",
+        { class: "kv" },
+        h("b", null, "Published results "),
+        ...fields.filter(([, v]) => v).flatMap(([k, v], i) => [i ? " · " : "", h("span", { class: "muted" }, `${k} `), h("span", { class: "mono" }, v)]),
+      ),
+    );
+  }
+  if (e.status.length > 60) parts.unshift(h("div", { class: "kv" }, h("b", null, "Status "), e.status));
+  return parts.length ? h("div", { class: "details" }, ...parts) : null;
+}
+
 export class JobPage {
   readonly el = h("div", { class: "job-page" });
   private id = "";
@@ -56,6 +103,9 @@ export class JobPage {
   private readonly histNote = h("span", { class: "stat", id: "history-note" });
   private readonly lanesBox = h("div", { class: "lanes-box" });
   private notFound = h("div", { class: "empty big", hidden: "" });
+  private drawn: JobState | null = null;
+  private drawnKey = "";
+  private readonly expanded = new Set<string>();
 
   constructor(
     private readonly client: JobStateClient,
@@ -104,6 +154,8 @@ export class JobPage {
       this.historyError = "";
       this.list.replaceChildren();
       this.lanes.replaceChildren();
+      this.drawn = null;
+      this.expanded.clear();
     }
   }
 
@@ -127,20 +179,37 @@ export class JobPage {
       this.notFound.textContent = `No job “${this.id}” at revision ${fmtInt(this.sync.revision)}.`;
       this.facts.replaceChildren();
       this.execBody.replaceChildren();
+      this.drawn = null;
       return;
     }
+    // Other jobs' changes wake this page too: redraw only when this job (or its deletion) changed.
+    const key = `${this.job.version}/${this.deletedAt}`;
+    if (this.drawn === this.job && this.drawnKey === key) return;
+    this.drawn = this.job;
+    this.drawnKey = key;
     const j = this.job;
     this.head.replaceChildren(
       ...nodes(
-      h("h1", { id: "job-title" }, j.jobId),
-      pill(jobName(j.state), JOB_CLASS[j.state] ?? "muted"),
-      this.deletedAt ? h("span", { class: "pill s-error", id: "deleted" }, `deleted by revision ${fmtInt(this.deletedAt)}`) : null,
+        h("h1", { id: "job-title" }, j.jobId),
+        pill(jobName(j.state), JOB_CLASS[j.state] ?? "muted"),
+        this.deletedAt
+          ? h("span", { class: "pill s-error", id: "deleted" }, `deleted by revision ${fmtInt(this.deletedAt)}`)
+          : null,
       ),
     );
+    this.renderFacts(now);
+    this.renderExecutions();
+    if (!this.deletedAt && j.version !== this.historyFor) void this.loadHistory();
+    this.renderLanes(now);
+  }
+
+  private renderFacts(now: number): void {
+    const j = this.job;
+    if (!j) return;
     const created = millis(j.createTime);
     const updated = millis(j.updateTime);
     const timeout = millis(j.timeoutAt);
-    const fact = (k: string, v: string, title?: string) => [h("dt", null, k), h("dd", { title }, v)];
+    const fact = (k: string, v: string) => [h("dt", null, k), h("dd", null, v)];
     this.facts.replaceChildren(
       ...fact("Version", j.version.toString()),
       ...fact("Created", `${dateTime(created)} (${ago(now - created)} ago)`),
@@ -157,31 +226,52 @@ export class JobPage {
       ),
       ...fact("Executions", fmtInt(j.executions.length)),
     );
+  }
+
+  private renderExecutions(): void {
+    const j = this.job;
+    if (!j) return;
     this.execEmpty.hidden = j.executions.length > 0;
-    this.execBody.replaceChildren(
-      ...j.executions.map((e) => {
-        const exit = e.runOutput ? String(e.runOutput.exitCode) : "—";
-        return h(
-          "tr",
-          { "data-exec": e.computeReference, "data-state": execName(e.state) },
-          h("td", { class: "mono" }, e.computeReference),
-          h("td", { class: "mono" }, e.nodeId),
-          h("td", null, pill(execName(e.state), execClass(e.state))),
-          h("td", null, DESIRED_NAMES[e.desiredState] ?? String(e.desiredState)),
-          h("td", { class: "status", title: e.status }, e.status || "—"),
-          h("td", { class: `num ${e.runOutput && e.runOutput.exitCode !== 0 ? "bad" : ""}` }, exit),
-          h("td", { class: "num", title: dateTime(millis(e.createTime)) }, clock(millis(e.createTime))),
-          h("td", { class: "num", title: dateTime(millis(e.updateTime)) }, clock(millis(e.updateTime))),
-          h("td", { class: "num" }, e.version.toString()),
-        );
-      }),
-    );
-    if (!this.deletedAt && j.version !== this.historyFor) void this.loadHistory();
-    this.renderLanes(now);
+    const rows: HTMLTableRowElement[] = [];
+    for (const e of j.executions) {
+      const exit = e.runOutput ? String(e.runOutput.exitCode) : "—";
+      const details = executionDetails(e);
+      const open = details !== null && this.expanded.has(e.computeReference);
+      const tr = h(
+        "tr",
+        {
+          "data-exec": e.computeReference,
+          "data-state": execName(e.state),
+          class: details ? `has-details${open ? " open" : ""}` : undefined,
+          title: details ? "show or hide the output and results" : undefined,
+        },
+        h("td", { class: "mono" }, details ? h("span", { class: "caret" }, open ? "▾ " : "▸ ") : null, e.computeReference),
+        h("td", { class: "mono" }, e.nodeId),
+        h("td", null, pill(execName(e.state), execClass(e.state))),
+        h("td", null, DESIRED_NAMES[e.desiredState] ?? String(e.desiredState)),
+        h("td", { class: "status", title: e.status }, e.status || "—"),
+        h("td", { class: `num ${e.runOutput && e.runOutput.exitCode !== 0 ? "bad" : ""}` }, exit),
+        h("td", { class: "num", title: dateTime(millis(e.createTime)) }, clock(millis(e.createTime))),
+        h("td", { class: "num", title: dateTime(millis(e.updateTime)) }, clock(millis(e.updateTime))),
+        h("td", { class: "num" }, e.version.toString()),
+      );
+      if (details) {
+        tr.addEventListener("click", () => {
+          if (this.expanded.has(e.computeReference)) this.expanded.delete(e.computeReference);
+          else this.expanded.add(e.computeReference);
+          this.renderExecutions();
+        });
+      }
+      rows.push(tr);
+      if (open && details) rows.push(h("tr", { class: "exec-detail", "data-detail": e.computeReference }, h("td", { colspan: "9" }, details)));
+    }
+    this.execBody.replaceChildren(...rows);
   }
 
   tick(now: number): void {
-    if (this.id && this.job && !TERMINAL_JOB.has(this.job.state)) this.renderLanes(now);
+    if (!this.id || !this.job) return;
+    this.renderFacts(now);
+    if (!TERMINAL_JOB.has(this.job.state)) this.renderLanes(now);
   }
 
   private async loadHistory(): Promise<void> {

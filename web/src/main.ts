@@ -257,6 +257,17 @@ function route(): void {
 }
 window.addEventListener("hashchange", route);
 
+// Keys an operator reaches for: "/" to filter by job id, Escape to go back from a job to the list.
+document.addEventListener("keydown", (e) => {
+  const typing = e.target instanceof HTMLInputElement || e.target instanceof HTMLSelectElement;
+  if (e.key === "/" && !typing && !listView.hidden) {
+    e.preventDefault();
+    document.getElementById("filter-text")?.focus();
+  } else if (e.key === "Escape" && !typing && !jobView.hidden) {
+    window.location.hash = "#/";
+  }
+});
+
 // --- rendering: coalesced, paced by its own cost, and a clock tick each second -------------------------------
 
 const perf = { lastRender: 0, renderMs: 0 };

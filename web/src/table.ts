@@ -50,7 +50,7 @@ export class JobTable {
     this.search = h("input", {
       type: "search",
       id: "filter-text",
-      placeholder: "Filter by job id…",
+      placeholder: "Filter by job id…  ( / )",
       "aria-label": "filter by job id",
       autocomplete: "off",
       spellcheck: "false",
