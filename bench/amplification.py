@@ -23,8 +23,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from bench.servers import HOST, REPO, SQLITE_BASE, _stop, _wait_port, etcd_server, exported, free_port, rss_bytes
+from bench.servers import (
+    HOST,
+    REPO,
+    SQLITE_BASE,
+    _stop,
+    _wait_port,
+    dir_bytes,
+    etcd_server,
+    exported,
+    free_port,
+    rss_bytes,
+)
 from jobstate.client import Client
 from jobstate.server import rules
 from jobstate.v1 import job_state_pb2 as pb
@@ -60,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         source = stack.enter_context(exported(args.rev)) if args.rev else REPO
         engine: list[str] = []
         helpers: tuple[int, ...] = ()
+        data = ""
         if args.store == "sqlite":
             data = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-amp-", dir=SQLITE_BASE))
             engine = ["--store", "sqlite", "--data-dir", data]
@@ -91,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed = time.perf_counter() - t0
                 c.get_job("big")
                 (after, etcd_after) = rss()
+                disk = dir_bytes(Path(data)) if data else None
         finally:
             _stop(proc)
     result = {
@@ -105,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         "growth_mib": round((after - start) / MiB, 1),
         "updates_per_s": round(args.updates / elapsed, 1),
         "etcd_growth_mib": round((etcd_after - etcd_start) / MiB, 1) if helpers else None,
+        "disk_mib": round(disk / MiB, 1) if disk is not None else None,
     }
     print(
         f"{args.store} ({result['rev']}): job {size / MiB:.2f} MiB; RSS {result['rss_start_mib']} MiB at start, "
         f"{result['rss_built_mib']} MiB with the job, {result['rss_after_mib']} MiB after {args.updates} status "
         f"updates (+{result['growth_mib']} MiB); {result['updates_per_s']} updates/s"
         + (f"; etcd itself +{result['etcd_growth_mib']} MiB" if helpers else "")
+        + (f"; data dir {result['disk_mib']} MiB" if disk is not None else "")
     )
     print(json.dumps(result))
     return 0

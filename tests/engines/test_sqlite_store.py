@@ -122,6 +122,35 @@ async def test_event_history_is_pruned_to_history_bytes_and_restored_within_them
     await again.close()
 
 
+async def test_event_rows_on_disk_stay_within_history_bytes(tmp_path: Path) -> None:
+    # In memory, status updates of a large job share its output; on disk each row is a whole frame, so the
+    # table is held to the same budget by its own count (the hub then holds more than a restart restores).
+    budget = 1024 * 1024
+    store = SqliteStore(tmp_path, WatchHub(1000, history_bytes=budget))
+    await store.create_job("big")
+    run = pb.RunCommandResult(stdout="o" * 100_000, stderr="e" * 100_000)
+    await store.create_execution("big", pb.ExecutionState(node_id="n", compute_reference="e", run_output=run))
+    for i in range(40):
+        await store.update_execution("big", "e", pb.ExecutionState(status=f"s{i}"))
+        with sqlite3.connect(tmp_path / DB_FILE) as db:
+            (on_disk,) = db.execute("SELECT sum(length(frame)) FROM events").fetchone()
+        db.close()
+        assert on_disk <= budget
+    assert store.hub.oldest_revision == 1  # memory holds every change: they share the output
+    with sqlite3.connect(tmp_path / DB_FILE) as db:
+        first = db.execute("SELECT min(revision) FROM events").fetchone()[0]
+    db.close()
+    assert first > 30
+    await store.close()
+
+    again = SqliteStore(tmp_path, WatchHub(1000, history_bytes=budget))
+    assert again.hub.oldest_revision == first
+    with pytest.raises(errors.RevisionCompacted):
+        await frames(again, first - 1, 42)
+    assert [e.revision for e in await frames(again, first, 42)] == list(range(first, 43))
+    await again.close()
+
+
 async def test_a_failed_write_changes_nothing(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     await store.create_job("a")

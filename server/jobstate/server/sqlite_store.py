@@ -11,7 +11,8 @@ Tables:
 - ``events``: the changes the hub holds (the last ``history_size``, within ``history_bytes``) as watchers receive
   them (the hub's serialized ``WatchEvent`` frame, with the job id and node ids its filters need), so after a
   restart a watcher resumes by revision with nothing lost, and reopening does not parse or re-encode them. Each
-  row is a whole frame: a status update of a 2 MiB job writes 2 MiB here (the hub shares it in memory only);
+  row is a whole frame (a status update of a 2 MiB job writes 2 MiB here; the hub shares it in memory only), so
+  the rows are held to ``history_bytes`` by their own count: a restart may restore fewer changes than were held;
 - ``meta``: the head revision (and the schema version).
 
 A job's retention clock (``--retain-finished``) is its ``update_time``, inside the stored ``JobState``: a final
@@ -36,6 +37,7 @@ each acknowledgement until its batch commits.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import logging
@@ -129,6 +131,11 @@ class SqliteStore(MemoryStore):
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
         self._closed = False
+        # (revision, frame bytes) of each row of the events table, oldest first, and their total: the table is
+        # kept within the hub's byte budget too (its rows are whole frames: what the hub shares, each row
+        # repeats).
+        self._event_rows: collections.deque[tuple[int, int]] = collections.deque()
+        self._event_bytes = 0
         try:
             # isolation_level=None: transactions are begun and ended here, explicitly.
             self._db = sqlite3.connect(
@@ -199,6 +206,9 @@ class SqliteStore(MemoryStore):
             ),
         )
         self._revision = head
+        for revision, size in self._db.execute("SELECT revision, length(frame) FROM events ORDER BY revision"):
+            self._event_rows.append((revision, size))
+            self._event_bytes += size
         last_event = self._db.execute("SELECT max(time_ns) FROM events").fetchone()[0] or 0
         # create_time order is commit order across restarts too, even if the wall clock went back meanwhile.
         self._clock.last = max(latest, last_event)
@@ -213,8 +223,8 @@ class SqliteStore(MemoryStore):
             (job_id, count),
         )
 
-    def _write(self, m: Mutation) -> None:
-        """The rows of one change (inside the caller's transaction)."""
+    def _write(self, m: Mutation) -> int:
+        """The rows of one change (inside the caller's transaction); returns the size of its events row."""
         job = m.job
         db = self._db
         if m.event_type == DELETED:
@@ -234,10 +244,12 @@ class SqliteStore(MemoryStore):
                 (job.job_id, m.revision, m.entry_data),
             )
         event = m.event
+        frame = event.frame
         db.execute(
             "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
-            (m.revision, m.event_type, job.job_id, " ".join(event.nodes), m.time_ns, event.frame),
+            (m.revision, m.event_type, job.job_id, " ".join(event.nodes), m.time_ns, frame),
         )
+        return len(frame)
 
     def _persist(self, m: Mutation) -> None:
         self._persist_many((m,))
@@ -251,10 +263,11 @@ class SqliteStore(MemoryStore):
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                for m in mutations:
-                    self._write(m)
-                # What the hub let go of, by count or by bytes, is of no use after a restart either.
+                sizes = [(m.revision, self._write(m)) for m in mutations]
+                # What the hub let go of, by count or by bytes, is of no use after a restart either; and the rows
+                # kept take at most the hub's byte budget (the newest row is always kept).
                 oldest_kept = max(last - self.hub.history_size + 1, self.hub.oldest_revision)
+                oldest_kept = max(oldest_kept, self._byte_cut(last, sum(size for _, size in sizes)))
                 db.execute("DELETE FROM events WHERE revision < ?", (oldest_kept,))
                 db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (last,))
                 db.execute("COMMIT")
@@ -262,6 +275,11 @@ class SqliteStore(MemoryStore):
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+            rows = self._event_rows
+            rows.extend(sizes)
+            self._event_bytes += sum(size for _, size in sizes)
+            while rows and rows[0][0] < oldest_kept:
+                self._event_bytes -= rows.popleft()[1]
         except sqlite3.Error as exc:
             # UNAVAILABLE / STORE_UNAVAILABLE, as for an etcd that cannot commit: the transaction was rolled back
             # and nothing changed here (only an fsync failing inside COMMIT can leave the change on disk, to
@@ -291,6 +309,18 @@ class SqliteStore(MemoryStore):
             with contextlib.suppress(OSError):  # no WAL right after a TRUNCATE checkpoint
                 total += (self.data_dir / name).stat().st_size
         return total
+
+    def _byte_cut(self, revision: int, size: int) -> int:
+        """The oldest revision the events table can keep once a row of ``size`` bytes is added at ``revision``."""
+        budget = self.hub.history_bytes
+        total = self._event_bytes + size
+        if not budget or total <= budget:
+            return 0
+        for rev, row in self._event_rows:
+            total -= row
+            if total <= budget:
+                return rev + 1
+        return revision
 
     # -- closing -------------------------------------------------------------------------------------------
 
