@@ -17,10 +17,11 @@ client.CreateJob({ job_id: 'node-1' }, (err, created) => {
   console.log('created', created.job.job_id, created.job.state, created.job.version);
   // Watch from the create's revision: every change of the job, none missed.
   const watch = client.Watch({ job_ids: ['node-1'], start_revision: created.revision });
-  let seen = 0;
+  let waiting = 3; // the watch's CREATED and UPDATED events, and the update's answer
+  const done = () => { if (--waiting === 0) { watch.cancel(); client.close(); } };
   watch.on('data', (r) => r.events.forEach((e) => {
     console.log(e.type, e.revision, e.job.job_id, e.job.state, e.job.version);
-    if (++seen === 2) { watch.cancel(); client.close(); } // CREATED and UPDATED: done
+    done();
   }));
   watch.on('error', (e) => { if (e.code !== grpc.status.CANCELLED) console.error(e.message); });
 
@@ -29,6 +30,7 @@ client.CreateJob({ job_id: 'node-1' }, (err, created) => {
     (err2, moved) => {
       if (err2) throw err2;
       console.log('moved', moved.job.state, moved.job.version); // JOB_STATE_TYPE_QUEUED 2
+      done();
     },
   );
 });
