@@ -59,10 +59,10 @@ def test_rows_follow_grpc_writes_within_a_second(make_web_server: Any, page: Any
         step(lambda: c.create_job("job-a", timeout=600), "job-a", 1, "NEW")
         step(lambda: c.update_job_state("job-a", "queued", expected_version=1), "job-a", 2, "QUEUED")
         step(lambda: c.create_execution("job-a", "node-a", compute_reference="e1", state="ask_for_bid"), "job-a", 3)
-        expect(row(page, "job-a").locator(".c-exec")).to_have_text("1 bidding")
+        expect(row(page, "job-a").locator(".c-exec")).to_have_text("1 ASK_FOR_BID")
         step(lambda: c.update_execution("job-a", "e1", state="bid_accepted", status="running"), "job-a", 4)
         step(lambda: c.update_job_state("job-a", "in_progress"), "job-a", 5, "IN_PROGRESS")
-        expect(row(page, "job-a").locator(".c-exec")).to_have_text("1 running")
+        expect(row(page, "job-a").locator(".c-exec")).to_have_text("1 BID_ACCEPTED")
         expect(page.locator('#counts [data-state="IN_PROGRESS"] .n')).to_have_text("1")
         expect(page.locator('#counts [data-state="ALL"] .n')).to_have_text("2")
 

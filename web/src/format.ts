@@ -34,17 +34,18 @@ export const JOB_CLASS: Record<number, string> = {
 
 export const TERMINAL_JOB = new Set([JobStateType.COMPLETED, JobStateType.ERROR, JobStateType.CANCELLED]);
 
-// Execution states in lifecycle order, in the words an operator uses.
+// Execution states in lifecycle order, under the names the CLI and the terminal live view use (one vocabulary:
+// what the table shows is what `jobstate exec update --state` takes), with the colour class of each.
 export const EXEC_LABELS: [ExecutionStateType, string, string][] = [
-  [ExecutionStateType.NEW, "new", "new"],
-  [ExecutionStateType.ASK_FOR_BID, "bidding", "queued"],
-  [ExecutionStateType.ASK_FOR_BID_ACCEPTED, "bid", "queued"],
-  [ExecutionStateType.BID_ACCEPTED, "running", "progress"],
-  [ExecutionStateType.COMPLETED, "completed", "completed"],
-  [ExecutionStateType.FAILED, "failed", "error"],
-  [ExecutionStateType.ASK_FOR_BID_REJECTED, "declined", "muted"],
-  [ExecutionStateType.BID_REJECTED, "rejected", "muted"],
-  [ExecutionStateType.CANCELLED, "cancelled", "cancelled"],
+  [ExecutionStateType.NEW, "NEW", "new"],
+  [ExecutionStateType.ASK_FOR_BID, "ASK_FOR_BID", "queued"],
+  [ExecutionStateType.ASK_FOR_BID_ACCEPTED, "ASK_FOR_BID_ACCEPTED", "queued"],
+  [ExecutionStateType.BID_ACCEPTED, "BID_ACCEPTED", "progress"],
+  [ExecutionStateType.COMPLETED, "COMPLETED", "completed"],
+  [ExecutionStateType.FAILED, "FAILED", "error"],
+  [ExecutionStateType.ASK_FOR_BID_REJECTED, "ASK_FOR_BID_REJECTED", "muted"],
+  [ExecutionStateType.BID_REJECTED, "BID_REJECTED", "muted"],
+  [ExecutionStateType.CANCELLED, "CANCELLED", "cancelled"],
 ];
 
 export const EXEC_NAMES: Record<number, string> = {
