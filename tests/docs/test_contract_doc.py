@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from jobstate.server import errors
 from jobstate.v1 import job_state_pb2, job_state_service_pb2
@@ -69,7 +70,15 @@ def test_every_error_reason_and_its_metadata_is_in_the_table() -> None:
     reasons.discard("INTERNAL")
     missing = [r for r in sorted(reasons) if f"`{r}`" not in table]
     assert not missing, f"the error table lacks {missing}"
-    for key in ("current_version", "oldest_revision", "resume_revision", "store_id", "limit"):
+    for key in (
+        "current_version",
+        "oldest_revision",
+        "resume_revision",
+        "store_id",
+        "limit",
+        "field",
+        "retry_after_ms",
+    ):
         assert f"`{key}`" in table
 
 
@@ -77,3 +86,29 @@ def test_the_store_id_header_is_the_one_the_server_sends() -> None:
     from jobstate.server.service import STORE_ID_KEY
 
     assert f"`{STORE_ID_KEY}`" in CONTRACT.read_text()
+
+
+def test_the_error_table_says_what_the_server_sends() -> None:
+    """Each reason's gRPC code, Connect code and HTTP status in the contract's table are those of the server's one
+    table (``service.ERRORS``); a row naming two reasons ("A / B") gives each its own codes in the same order."""
+    from jobstate.server.service import ERRORS
+
+    wire = {cls.reason: w for cls, w in ERRORS.items()}
+    text = CONTRACT.read_text()
+    table = text[text.index("## Errors") :].split("\n\n")[2]
+    checked = set()
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        grpc_codes = re.findall(r"`([A-Z_]+)`", cells[1])
+        connect_codes = re.findall(r"`([a-z_]+)`", cells[2])
+        statuses = [int(n) for n in re.findall(r"\d{3}", cells[3])]
+        reasons = [r for r in re.findall(r"`([A-Z_]+)`", cells[4]) if r in wire]
+        for i, reason in enumerate(reasons):
+
+            def pick(values: list[Any], i: int = i) -> Any:
+                return values[i] if len(values) > 1 else values[0]
+
+            w = wire[reason]
+            assert (pick(grpc_codes), pick(connect_codes), pick(statuses)) == (w.grpc.name, w.connect, w.http), row
+            checked.add(reason)
+    assert checked == set(wire), f"the table has no row for {set(wire) - checked}"
