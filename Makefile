@@ -11,7 +11,7 @@ HTTP_PORT ?= 8080
 PROTOS := $(wildcard protos/jobstate/v1/*.proto)
 export PYTHONPATH := $(CURDIR)/server:$(CURDIR)/client:$(CURDIR)/gen
 
-.PHONY: help venv proto proto-check lint test test-fast test-heavy run node-deps etcd-deps chromium-deps web screenshots clean soak
+.PHONY: help venv proto proto-check lint test test-fast test-heavy run node-deps etcd-deps chromium-deps docs-deps web screenshots clean soak
 
 help:
 	@echo "make run    start the server on $(HOST):$(PORT), HTTP and the dashboard on http://$(HOST):$(HTTP_PORT)"
@@ -67,14 +67,18 @@ etcd-deps:
 chromium-deps:
 	test -x /usr/bin/chromium || (apt-get -o DPkg::Lock::Timeout=300 update && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y chromium)
 
+# The docs' examples (tests/docs/test_snippets.py) run curl and jq as a reader would: installed when missing.
+docs-deps:
+	command -v curl >/dev/null && command -v jq >/dev/null || (apt-get -o DPkg::Lock::Timeout=300 update && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y curl jq)
+
 # The dashboard's pictures in docs/ (the README shows docs/dashboard.png), taken by the browser tests.
 screenshots: venv node-deps chromium-deps
 	JOBSTATE_SCREENSHOTS=docs $(BIN)/pytest -q -p no:cacheprovider tests/browser -k "screenshots or token_protected"
 
-test: lint etcd-deps chromium-deps
+test: lint etcd-deps chromium-deps docs-deps
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-fast: venv etcd-deps chromium-deps
+test-fast: venv etcd-deps chromium-deps docs-deps
 	$(BIN)/pytest -q -x -m "not slow" $(PYTEST_ARGS)
 
 test-heavy: venv etcd-deps

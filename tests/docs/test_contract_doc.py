@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from jobstate.server import errors
 from jobstate.v1 import job_state_pb2, job_state_service_pb2
@@ -69,7 +70,15 @@ def test_every_error_reason_and_its_metadata_is_in_the_table() -> None:
     reasons.discard("INTERNAL")
     missing = [r for r in sorted(reasons) if f"`{r}`" not in table]
     assert not missing, f"the error table lacks {missing}"
-    for key in ("current_version", "oldest_revision", "resume_revision", "store_id", "limit"):
+    for key in (
+        "current_version",
+        "oldest_revision",
+        "resume_revision",
+        "store_id",
+        "limit",
+        "field",
+        "retry_after_ms",
+    ):
         assert f"`{key}`" in table
 
 
@@ -77,3 +86,43 @@ def test_the_store_id_header_is_the_one_the_server_sends() -> None:
     from jobstate.server.service import STORE_ID_KEY
 
     assert f"`{STORE_ID_KEY}`" in CONTRACT.read_text()
+
+
+def check_error_table(table: str, grpc: int, connect: int, http: int, reason: int) -> None:
+    """Each reason's gRPC code, Connect code and HTTP status in a Markdown error table (the columns given) are
+    those of the server's one table (``service.ERRORS``); a row naming two reasons ("A / B") gives each its own
+    codes in the same order."""
+    from jobstate.server.service import ERRORS
+
+    wire = {cls.reason: w for cls, w in ERRORS.items()}
+    checked = set()
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        grpc_codes = re.findall(r"`([A-Z_]+)`", cells[grpc])
+        connect_codes = re.findall(r"`([a-z_]+)`", cells[connect])
+        statuses = [int(n) for n in re.findall(r"\b\d{3}\b", cells[http])]
+        reasons = [r for r in re.findall(r"`([A-Z_]+)`", cells[reason]) if r in wire]
+        for i, name in enumerate(reasons):
+
+            def pick(values: list[Any], i: int = i) -> Any:
+                return values[i] if len(values) > 1 else values[0]
+
+            w = wire[name]
+            assert (pick(grpc_codes), pick(connect_codes), pick(statuses)) == (w.grpc.name, w.connect, w.http), row
+            checked.add(name)
+    assert checked == set(wire), f"the table has no row for {set(wire) - checked}"
+
+
+def _table_after(text: str, header: str) -> str:
+    start = text.index(header)
+    return text[start : text.index("\n\n", start)]
+
+
+def test_the_error_table_says_what_the_server_sends() -> None:
+    table = _table_after(CONTRACT.read_text(), "| when | gRPC code | Connect code | HTTP status | reason (metadata) |")
+    check_error_table(table, grpc=1, connect=2, http=3, reason=4)
+
+
+def test_the_readme_error_table_says_what_the_server_sends() -> None:
+    table = _table_after((ROOT / "README.md").read_text(), "| when | gRPC code | Connect code, HTTP status | reason |")
+    check_error_table(table, grpc=1, connect=2, http=2, reason=3)

@@ -6,8 +6,12 @@ The marker is an HTML comment on the line before the block (invisible on GitHub)
 - ``<!-- output of: docs/examples/F -->``: what F prints, compared with a real run by F's test;
 - ``<!-- output -->`` / ``<!-- not run: why -->``: an illustration, or a command the tests cannot run as such.
 
-The examples talk to ``$JOBSTATE_TARGET`` (default ``127.0.0.1:50051``), as the CLI does, so the tests point them
-at their own server without editing them.
+The examples talk to ``$JOBSTATE_TARGET`` (default ``127.0.0.1:50051``), as the CLI does, and the HTTP ones to
+``$JOBSTATE_HTTP_URL`` (default ``http://127.0.0.1:8080``), so the tests point them at their own server without
+editing them. The HTTP ones run against ``jobstate serve --http-port``, as ``make run`` starts it.
+
+In a script's ``# =>`` lines (what the command above prints), ``…`` stands for text that changes from run to run
+(a time), and a line starting ``#    `` goes on with the ``# =>`` line above it, after one space.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import IO, Any
 
 import pytest
 
-from jobstate.client import Client
+from jobstate.client import Client, job_state_name
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -47,6 +51,12 @@ RUN_BY = {
     "buf-watch-changes.sh": "test_buf_curl_session",
     "buf-watch-resume.sh": "test_buf_curl_session",
     "buf-watch-node.sh": "test_buf_curl_session",
+    "http-curl.sh": "test_http_curl_session",
+    "http-watch-curl.sh": "test_http_curl_session",
+    "http-watch-buf.sh": "test_http_curl_session",
+    "connect-client.ts": "test_connect_client",
+    "connect-client.sh": "test_connect_client",
+    "http-buf-curl.sh": "test_buf_curl_over_http",
     "go/install.sh": "test_go_install_lines",
     "go/buf.gen.yaml": "(not run: no Go toolchain here)",
     "go/main.go": "(not run: no Go toolchain here)",
@@ -112,27 +122,31 @@ def test_go_install_lines() -> None:
 # --- running them ----------------------------------------------------------------------------------------------
 
 
-def env_for(target: str) -> dict[str, str]:
+def env_for(target: str, http_url: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTATE_")}
     env["JOBSTATE_TARGET"] = target
+    if http_url is not None:
+        env["JOBSTATE_HTTP_URL"] = http_url
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `jobstate` as after activate
     return env
 
 
-def run(args: list[str], target: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], target: str, timeout: float = 60, http_url: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        args, cwd=ROOT, env=env_for(target), capture_output=True, text=True, timeout=timeout, check=False
+        args, cwd=ROOT, env=env_for(target, http_url), capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
 class Background:
     """A long-running example (a watch) in its own process group; ``stop()`` ends the group."""
 
-    def __init__(self, args: list[str], target: str) -> None:
+    def __init__(self, args: list[str], target: str, http_url: str | None = None) -> None:
         self.proc = subprocess.Popen(
             args,
             cwd=ROOT,
-            env=env_for(target),
+            env=env_for(target, http_url),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -189,8 +203,8 @@ class Background:
 def background() -> Iterator[Any]:
     started: list[Background] = []
 
-    def start(args: list[str], target: str) -> Background:
-        b = Background(args, target)
+    def start(args: list[str], target: str, http_url: str | None = None) -> Background:
+        b = Background(args, target, http_url)
         started.append(b)
         return b
 
@@ -325,3 +339,193 @@ def test_the_live_view_shown_uses_the_cli_state_names() -> None:
         if words != ["-"]:
             for name in words[1::2]:
                 assert core.execution_state(name), row
+
+
+# --- over HTTP, against `jobstate serve --http-port` ------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    target: str
+    http_url: str
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    """`jobstate serve --port 0 --http-port 0` as a user runs it; its addresses come from its start-up line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobstate", "serve", "--port", "0", "--http-port", "0"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("JOBSTATE_")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read(pipe: IO[str] | None) -> None:  # drains the log for as long as the server runs
+        assert pipe is not None
+        for line in pipe:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, args=(proc.stdout,), daemon=True).start()
+    try:
+        while True:
+            line = lines.get(timeout=60)
+            assert line is not None, "jobstate serve ended before it served"
+            m = re.search(r" serving address=(\S+) .*http_address=(\S+)", line)
+            if m:
+                break
+        yield Served(m.group(1), m.group(2))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Frames:
+    """Raw Connect streaming on an example's stdout: each message is a flags byte, its length (4 bytes,
+    big-endian), then its JSON."""
+
+    def __init__(self, args: list[str], http_url: str) -> None:
+        self.proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env_for("", http_url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.chunks: queue.Queue[bytes | None] = queue.Queue()
+        self.buffer = b""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(65536):
+            self.chunks.put(chunk)
+        self.chunks.put(None)
+
+    def message(self, timeout: float = 30) -> tuple[int, Any]:
+        """The next message's flags and JSON."""
+        while len(self.buffer) < 5 or len(self.buffer) < 5 + int.from_bytes(self.buffer[1:5], "big"):
+            try:
+                chunk = self.chunks.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no whole message within {timeout}s; so far: {self.buffer!r}") from None
+            if chunk is None:
+                raise AssertionError(f"the example ended; it printed: {self.buffer!r}")
+            self.buffer += chunk
+        size = int.from_bytes(self.buffer[1:5], "big")
+        flags, body, self.buffer = self.buffer[0], self.buffer[5 : 5 + size], self.buffer[5 + size :]
+        return flags, json.loads(body)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(10)
+
+
+def expected_output(script: Path) -> list[str]:
+    """A script's `# =>` lines, each with the `#    ` lines that go on with it."""
+    out: list[str] = []
+    going_on = False
+    for line in script.read_text().splitlines():
+        if line.startswith("# => "):
+            out.append(line.removeprefix("# => "))
+            going_on = True
+        elif going_on and line.startswith("#    "):
+            out[-1] += " " + line.removeprefix("#    ")
+        else:
+            going_on = False
+    return out
+
+
+def assert_prints(expected: list[str], got: list[str]) -> None:
+    """``…`` in an expected line stands for any text within one JSON string (a time)."""
+    patterns = [re.escape(line).replace("…", '[^"]*') for line in expected]
+    bad = [(e, g) for e, p, g in zip(expected, patterns, got, strict=False) if not re.fullmatch(p, g)]
+    assert not bad, "\n".join(f"expected {e}\n     got {g}" for e, g in bad)
+    assert len(got) == len(expected), f"expected {len(expected)} lines, got {got}"
+
+
+def summary(events: list[Any]) -> list[tuple[str, str | None]]:
+    return [(e["type"].removeprefix("WATCH_EVENT_TYPE_"), e.get("job", {}).get("jobId")) for e in events]
+
+
+def test_http_curl_session(served: Served, background: Any) -> None:
+    """The README's curl calls over HTTP in their order on one fresh `jobstate serve`: each `# =>` line is what
+    the command above it prints. Then both Watch examples, raw curl and buf curl, while a job is created."""
+    need("curl", "jq", "node_modules/.bin/buf")
+    script = EXAMPLES / "http-curl.sh"
+    r = run(["bash", str(script)], served.target, http_url=served.http_url)
+    assert r.returncode == 0, r.stderr
+    assert_prints(expected_output(script), r.stdout.splitlines())
+    with Client(served.target) as c:  # the refused calls changed nothing
+        got = c.get_job("job-1")
+        assert (got.job.version, got.revision) == (2, 2)
+
+    raw = Frames(["bash", str(EXAMPLES / "http-watch-curl.sh")], served.http_url)
+    try:
+        events: list[Any] = []
+        while not events or events[-1]["type"] != "WATCH_EVENT_TYPE_BOOKMARK":
+            flags, msg = raw.message()
+            assert flags == 0, msg  # a message, not the stream's end
+            events += msg["events"]
+        assert summary(events) == [("INITIAL", "job-1"), ("BOOKMARK", None)]
+
+        watch = background(["bash", str(EXAMPLES / "http-watch-buf.sh")], served.target, served.http_url)
+        lines = [watch.line(), watch.line()]
+        assert json.loads(lines[-1])["type"] == "WATCH_EVENT_TYPE_BOOKMARK"
+        created = subprocess.run(
+            [
+                *("curl", "-s", "-H", "content-type: application/json", "-d", '{"jobId": "job-2"}'),
+                f"{served.http_url}/jobstate.v1.JobStateService/CreateJob",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert json.loads(created.stdout)["revision"] == "3"
+        lines.append(watch.line())
+        assert lines == block_of("<!-- output of: docs/examples/http-watch-buf.sh -->").splitlines()
+
+        flags, msg = raw.message()
+        assert flags == 0, msg
+        assert [(e["type"], e["revision"], e["job"]["jobId"]) for e in msg["events"]] == [
+            ("WATCH_EVENT_TYPE_CREATED", "3", "job-2")
+        ]
+    finally:
+        raw.stop()
+
+
+def test_connect_client(served: Served) -> None:
+    """The TypeScript Connect client, bundled by esbuild and run by node as the README says."""
+    need("node", "node_modules/.bin/esbuild", "node_modules/@connectrpc/connect-node")
+    r = run(["bash", str(EXAMPLES / "connect-client.sh")], served.target, timeout=120, http_url=served.http_url)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert r.stdout.splitlines() == block_of("<!-- output of: docs/examples/connect-client.sh -->").splitlines()
+    with Client(served.target) as c:  # what it did is in the store, seen over gRPC
+        job = c.get_job("ts-1").job
+        assert (job_state_name(job.state), job.version) == ("QUEUED", 2)
+
+
+def test_buf_curl_over_http(served: Served, background: Any) -> None:
+    """`buf curl` against the HTTP port with the schema from protos/: Connect, gRPC-Web, and a Connect Watch."""
+    need("node_modules/.bin/buf")
+    calls = background(["bash", str(EXAMPLES / "http-buf-curl.sh")], served.target, served.http_url)
+    created, got = calls.message(), calls.message()
+    assert created["job"]["jobId"] == got["job"]["jobId"] == "job-9"
+    assert created["revision"] == got["revision"] == "1"
+    events: list[Any] = []
+    while not events or events[-1]["type"] != "WATCH_EVENT_TYPE_BOOKMARK":
+        events += calls.message()["events"]
+    assert summary(events) == [("INITIAL", "job-9"), ("BOOKMARK", None)]
