@@ -216,7 +216,10 @@ def background() -> Iterator[Any]:
 def need(*tools: str) -> None:
     for tool in tools:
         if not (shutil.which(tool) or (ROOT / tool).exists()):
-            pytest.skip(f"{tool} is not installed (make node-deps installs buf and the Node packages)")
+            # make test installs every one of them (node-deps, docs-deps): a missing tool is a failed check.
+            pytest.fail(
+                f"{tool} is not installed (make node-deps installs buf and the Node packages, make docs-deps curl and jq)"
+            )
 
 
 def test_python_quickstart(server: Any) -> None:
