@@ -218,7 +218,7 @@ def need(*tools: str) -> None:
         if not (shutil.which(tool) or (ROOT / tool).exists()):
             # make test installs every one of them (node-deps, docs-deps): a missing tool is a failed check.
             pytest.fail(
-                f"{tool} is not installed (make node-deps installs buf and the Node packages, make docs-deps curl and jq)"
+                f"{tool} is not installed (make node-deps installs buf and the Node packages, docs-deps curl, jq)"
             )
 
 
