@@ -35,6 +35,12 @@ class TcpProxy:
 
     # -- control -------------------------------------------------------------------------------------------
 
+    @property
+    def open(self) -> int:
+        """Connections open now (accepted and not cut)."""
+        with self._lock:
+            return len(self._pairs)
+
     def cut(self) -> int:
         """Closes every open connection; returns how many were cut."""
         with self._lock:
