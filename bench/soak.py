@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -279,9 +280,25 @@ def fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
     return my - b * mx, b, r2
 
 
+def theil_sen(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """The Theil-Sen line ``y = a + b x`` (the median of the slopes between every two points): (a, b).
+
+    RSS samples have short spikes (a burst of responses queued while the CPU was busy elsewhere), which pull a
+    least-squares line far when they fall near either end of the window; the median slope follows the level.
+    """
+    slopes = sorted(
+        (ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]
+    )
+    if not slopes:
+        return (ys[0] if ys else 0.0), 0.0
+    b = statistics.median(slopes)
+    return statistics.median(y - b * x for x, y in zip(xs, ys, strict=True)), b
+
+
 @dataclass
 class Figures:
-    rss_growth_pct: float  # over the last half, from its fitted line
+    rss_growth_pct: float  # over the last half, from its Theil-Sen line (the verdict)
+    rss_growth_lsq_pct: float  # the same from a least-squares line, for comparison
     rss_mid: float
     rss_end: float
     jobs_mid: int
@@ -307,13 +324,16 @@ def figures(run: Run) -> Figures:
     if len(half) < 2:
         half = s[-2:]
     xs = [x.t for x in half]
-    a, b, _ = fit(xs, [x.rss_mib for x in half])
+    a, b = theil_sen(xs, [x.rss_mib for x in half])
     mid_fit = a + b * xs[0]
+    la, lb, _ = fit(xs, [x.rss_mib for x in half])
+    lsq_mid = la + lb * xs[0]
     _, jb, _ = fit(xs, [float(x.jobs) for x in half])
     _, _, jr2 = fit([x.t for x in s], [float(x.jobs) for x in s])
     last = s[-1]
     return Figures(
         rss_growth_pct=100.0 * b * (xs[-1] - xs[0]) / mid_fit if mid_fit else 0.0,
+        rss_growth_lsq_pct=100.0 * lb * (xs[-1] - xs[0]) / lsq_mid if lsq_mid else 0.0,
         rss_mid=half[0].rss_mib,
         rss_end=last.rss_mib,
         jobs_mid=half[0].jobs,
@@ -340,7 +360,8 @@ def verdict(on: Run, off: Run | None, *, rss_limit_pct: float = 1.0) -> tuple[bo
     ok = f_on.rss_growth_pct < rss_limit_pct
     lines.append(
         f"{on.spec.engine}, retention {on.spec.retain:g}s: RSS {f_on.rss_mid:.1f} -> {f_on.rss_end:.1f} MiB over "
-        f"the last half, fitted growth {f_on.rss_growth_pct:+.2f}% (limit {rss_limit_pct}%): "
+        f"the last half, growth {f_on.rss_growth_pct:+.2f}% (Theil-Sen; least squares {f_on.rss_growth_lsq_pct:+.2f}%; "
+        f"limit {rss_limit_pct}%): "
         f"{'FLAT' if ok else 'GROWING'}; jobs held {f_on.jobs_mid} -> {f_on.jobs_end} ({f_on.jobs_per_min:+.1f}/min)"
     )
     if off is not None:
@@ -375,7 +396,7 @@ def markdown(runs: Sequence[Run], verdicts: Sequence[str], passed: bool) -> str:
     out += [
         "",
         "| engine | retention | run s | jobs created | writes/s | jobs held mid→end | history entries end "
-        "| RSS MiB mid→end | RSS growth, last half | SQLite MiB mid→end | removed | mean sweep ms |",
+        "| RSS MiB mid→end | RSS growth, last half (least squares) | SQLite MiB mid→end | removed | mean sweep ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -384,7 +405,8 @@ def markdown(runs: Sequence[Run], verdicts: Sequence[str], passed: bool) -> str:
         out.append(
             f"| {run.spec.engine} | {f'{run.spec.retain:g}s' if run.spec.retain else 'off'} | {f.seconds:.0f} | "
             f"{f.created} | {f.writes / max(f.seconds, 1):.0f} | {f.jobs_mid}→{f.jobs_end} | {f.history_end} | "
-            f"{f.rss_mid:.1f}→{f.rss_end:.1f} | {f.rss_growth_pct:+.2f}% | {db} | {f.removed} | "
+            f"{f.rss_mid:.1f}→{f.rss_end:.1f} | {f.rss_growth_pct:+.2f}% ({f.rss_growth_lsq_pct:+.2f}%) | {db} | "
+            f"{f.removed} | "
             f"{f.sweep_ms_mean:.2f} |"
         )
     out += ["", "## Verdict", "", *(f"- {v}" for v in verdicts), "", f"**{'PASS' if passed else 'FAIL'}**", ""]
@@ -460,6 +482,31 @@ def read_csv(path: Path) -> list[Run]:
     return list(runs.values())
 
 
+def base_spec(args: argparse.Namespace, rates: dict[str, float], engine: str) -> Spec:
+    rate = rates.get(engine, rates.get("*", 20.0))
+    return Spec(engine, args.retain, args.duration, rate, args.watchers, args.sample_every, args.history_size)
+
+
+def report(args: argparse.Namespace, rates: dict[str, float], out: Path) -> int:
+    runs: list[Run] = []
+    verdicts: list[str] = []
+    passed = True
+    for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+        pair = read_csv(out / f"soak-{engine}.csv")
+        pair.sort(key=lambda r: r.spec.retain == 0)  # retention on first
+        for run in pair:
+            run.spec = Spec(**{**asdict(base_spec(args, rates, engine)), "retain": run.spec.retain})
+        ok, lines = verdict(pair[0], pair[1] if len(pair) > 1 else None)
+        print(*("  " + line for line in lines), sep="\n")
+        runs += pair
+        verdicts += lines
+        passed = passed and ok
+    (out / "soak.md").write_text(markdown(runs, verdicts, passed))
+    plot(runs, out / "soak.png")
+    print(f"soak: {'PASS' if passed else 'FAIL'}")
+    return 0 if passed else 1
+
+
 def parse_rates(text: str) -> dict[str, float]:
     """``20`` (every engine) or ``memory=20,sqlite=8``."""
     if "=" not in text:
@@ -475,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--workdir", required=True)
     c.add_argument("--out", required=True)
     sub.add_parser("replot", help="draw soak.png again from the soak-*.csv in --out")
+    sub.add_parser("report", help="soak.md, soak.png and the verdict again from the soak-*.csv in --out")
     p.add_argument("--engines", default="memory,sqlite")
     p.add_argument("--duration", type=float, default=600.0, help="seconds each run lasts")
     p.add_argument("--rate", default="memory=20,sqlite=10", help="jobs/s: 20, or memory=20,sqlite=10")
@@ -493,14 +541,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if plot(runs, Path(args.out) / "soak.png") else 1
     rates = parse_rates(args.rate)
     out = Path(args.out)
+    if args.command == "report":  # the same options as the run, so the specs match
+        return report(args, rates, out)
     out.mkdir(parents=True, exist_ok=True)
     all_runs: list[Run] = []
     verdicts: list[str] = []
     passed = True
     with tempfile.TemporaryDirectory(prefix="jobstate-soak-") as tmp:
         for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
-            rate = rates.get(engine, rates.get("*", 20.0))
-            base = Spec(engine, args.retain, args.duration, rate, args.watchers, args.sample_every, args.history_size)
+            base = base_spec(args, rates, engine)
+            rate = base.rate
             specs = [base] + ([] if args.no_off else [Spec(**{**asdict(base), "retain": 0.0})])
             print(f"soak: {engine} at {rate:g} jobs/s for {args.duration:g}s, retention {args.retain:g}s and off ...")
             runs = run_pair(specs, Path(tmp), args.nice)

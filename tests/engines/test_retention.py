@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 import pytest
 from cli.cliutil import run as run_cli
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from jobstate.client import Client, Informer
+from jobstate.client.view import LiveModel, render
 from jobstate.server.hub import encode_event
 from jobstate.server.rules import Limits
 from jobstate.server.sqlite_store import SqliteStore
@@ -392,3 +393,43 @@ def test_removed_jobs_leave_no_index_entries_behind() -> None:
     pending, finished = asyncio.run(main())
     assert pending == ["open"]
     assert finished == 0
+
+
+def test_the_live_view_counts_expired_jobs_apart_from_deleted_ones() -> None:
+    model = LiveModel("t")
+    for revision, job_id in enumerate(("a", "b", "c"), start=1):
+        job = pb.JobState(job_id=job_id, state=JS.JOB_STATE_TYPE_COMPLETED, version=1)
+        model.apply_event(spb.WatchEvent(type=ET.WATCH_EVENT_TYPE_CREATED, revision=revision, job=job), 0.0)
+    gone = [("a", CLIENT), ("b", RETENTION), ("c", RETENTION)]
+    for revision, (job_id, cause) in enumerate(gone, start=4):
+        job = pb.JobState(job_id=job_id, state=JS.JOB_STATE_TYPE_COMPLETED, version=1)
+        event = spb.WatchEvent(type=ET.WATCH_EVENT_TYPE_DELETED, revision=revision, job=job, delete_cause=cause)
+        model.apply_event(event, 0.0)
+    assert (model.rows, model.deleted, model.expired) == ({}, 1, 2)
+    summary = render(model, 120, 10, 0.0, 0.0, colour=False)[1]
+    assert "1 deleted" in summary
+    assert "2 expired" in summary
+
+
+def test_finished_and_deleted_jobs_leave_no_pending_timeout(
+    make_server: Callable[..., Any], conformance_engine: str
+) -> None:
+    """A day-long timeout of a job that finished in a second (and was then removed) is not kept for a day."""
+    server = make_server(engine=conformance_engine)
+    day = duration_pb2.Duration(seconds=24 * 3600)
+    for stub in stub_of(server):
+        stub.CreateJob(spb.CreateJobRequest(job_id="done", timeout=day))
+        stub.CreateJob(spb.CreateJobRequest(job_id="dropped", timeout=day))
+        stub.CreateJob(spb.CreateJobRequest(job_id="open", timeout=duration_pb2.Duration(seconds=48 * 3600)))
+        finish(stub, "done")
+        stub.DeleteJob(spb.DeleteJobRequest(job_id="dropped"))
+        open_due = stub.GetJob(spb.GetJobRequest(job_id="open")).job.timeout_at.ToNanoseconds()
+
+    def pending() -> list[str]:
+        return [job_id for _, job_id, _ in server.store._timeouts]
+
+    deadline = time.monotonic() + DEADLINE
+    while server.run(pending) != ["open"]:  # etcd: once its watch has brought the changes
+        assert time.monotonic() < deadline, server.run(pending)
+        time.sleep(0.01)
+    assert server.run(server.store.next_timeout_ns) == open_due

@@ -161,6 +161,7 @@ class LiveModel:
     synced: bool = False
     events: int = 0
     deleted: int = 0
+    expired: int = 0  # removed by the server's retention of finished jobs, not by a client
     recent: deque[float] = field(default_factory=deque)
     connected: bool = False  # a response has arrived (failures before it are a slow start, not a resume)
     reconnecting: str = ""  # why the stream is down, while it is
@@ -193,7 +194,10 @@ class LiveModel:
         self.recent.append(now)
         if event.type == spb.WATCH_EVENT_TYPE_DELETED:
             self.rows.pop(job_id, None)
-            self.deleted += 1
+            if event.delete_cause == spb.DELETE_CAUSE_RETENTION:
+                self.expired += 1
+            else:
+                self.deleted += 1
             return
         self.rows[job_id] = Row(event.job, event.revision, now)
 
@@ -249,6 +253,8 @@ def render(model: LiveModel, width: int, height: int, now: float, wall: float, c
         summary += [("  ", ""), (f"{counts[state]} {name}", sgr if counts[state] else DIM)]
     if model.deleted:
         summary += [("  ", ""), (f"{model.deleted} deleted", DIM)]
+    if model.expired:
+        summary += [("  ", ""), (f"{model.expired} expired", DIM)]
     lines.append(summary)
     notice: list[Segment] = []
     if model.resumed:

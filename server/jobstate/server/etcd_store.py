@@ -287,7 +287,10 @@ class EtcdStore(Store):
         # What this server knows from its follow watch: for stats and the sweeper.
         self._head = 0
         self._states: dict[str, int] = {}
-        self._timeouts: list[tuple[int, str, int]] = []  # heap of (timeout_ns, job_id, create_revision)
+        # (timeout_ns, job_id, create_revision) of the jobs not final with a timeout, sorted: an entry leaves
+        # when its job is seen becoming final or deleted, so a job removed long before its timeout does not
+        # keep one (timeouts run up to a year).
+        self._timeouts: list[tuple[int, str, int]] = []
         self._timeout_keys: set[tuple[str, int]] = set()
         # Final jobs for retention: heap of (final_ns, job_id, mod_revision of the change that made it final);
         # entries of jobs deleted meanwhile (by a client, or by another server's retention) are skipped when
@@ -382,7 +385,16 @@ class EtcdStore(Store):
         if key in self._timeout_keys:
             return
         self._timeout_keys.add(key)
-        heapq.heappush(self._timeouts, (job.timeout_at.ToNanoseconds(), job.job_id, create_revision))
+        bisect.insort(self._timeouts, (job.timeout_at.ToNanoseconds(), job.job_id, create_revision))
+
+    def _untrack_timeout(self, job: pb.JobState, create_revision: int) -> None:
+        if not job.HasField("timeout_at") or (job.job_id, create_revision) not in self._timeout_keys:
+            return
+        self._timeout_keys.discard((job.job_id, create_revision))
+        item = (job.timeout_at.ToNanoseconds(), job.job_id, create_revision)
+        i = bisect.bisect_left(self._timeouts, item)
+        if i < len(self._timeouts) and self._timeouts[i] == item:
+            del self._timeouts[i]
 
     def _track_finished(self, job: pb.JobState, mod_revision: int) -> None:
         if not self.retention or not rules.is_terminal_job(job.state):
@@ -435,12 +447,20 @@ class EtcdStore(Store):
                         event = self._event(ev, causes.get(revision, 0))
                         if ev.type == _DELETE:
                             self._states.pop(event.job_id, None)
+                            if ev.HasField("prev_kv"):
+                                gone = pb.JobState.FromString(ev.prev_kv.value)
+                                self._untrack_timeout(gone, int(ev.prev_kv.create_revision))
                         else:
                             self._states[event.job_id] = event.state
-                            if ev.kv.create_revision == revision:  # only a new job can bring a new timeout
-                                self._track_timeout(pb.JobState.FromString(ev.kv.value), revision)
-                            if rules.is_terminal_job(event.state):
-                                self._track_finished(pb.JobState.FromString(ev.kv.value), revision)
+                            new = ev.kv.create_revision == revision  # only a new job can bring a new timeout
+                            final = rules.is_terminal_job(event.state)
+                            if new or final:
+                                job = pb.JobState.FromString(ev.kv.value)
+                                if new:
+                                    self._track_timeout(job, revision)
+                                if final:
+                                    self._untrack_timeout(job, int(ev.kv.create_revision))
+                                    self._track_finished(job, revision)
                         if revision > hub.head_revision:
                             hub.skip_to(revision - 1)  # other keys' revisions
                             hub.publish_change(Change.restored(revision, event.job_id, event.nodes, event.frame))
@@ -670,7 +690,7 @@ class EtcdStore(Store):
         now = now_ns if now_ns is not None else time.time_ns()
         expired = 0
         while self._timeouts and self._timeouts[0][0] <= now and not self._closed:
-            item = heapq.heappop(self._timeouts)
+            item = self._timeouts.pop(0)
             _, job_id, create_revision = item
             self._timeout_keys.discard((job_id, create_revision))
             try:
@@ -681,7 +701,7 @@ class EtcdStore(Store):
                 if await self._mutate(job_id, lambda cur, at: changes.expire(cur, at), resp.kvs[0]) is not None:
                     expired += 1
             except StoreUnavailable:
-                heapq.heappush(self._timeouts, item)
+                bisect.insort(self._timeouts, item)
                 self._timeout_keys.add((job_id, create_revision))
                 raise
             except JobNotFound:
