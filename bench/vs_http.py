@@ -121,7 +121,8 @@ def markdown(rows: list[dict[str, Any]], n: int, info: dict[str, Any], quick: bo
     head = (
         f"HTTP next to gRPC on one jobstate server (memory engine), {n} run(s){' (quick)' if quick else ''}: "
         "median (lowest-highest). Server CPU is µs of the server process per call or per event delivered.\n\n"
-        "| scenario | HTTP protocol | gRPC | HTTP | HTTP / gRPC | gRPC p99 ms | HTTP p99 ms | gRPC CPU µs | HTTP CPU µs |\n"
+        "| scenario | HTTP protocol | gRPC | HTTP | HTTP / gRPC | gRPC p99 ms | HTTP p99 ms "
+        "| gRPC CPU µs | HTTP CPU µs |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
