@@ -184,6 +184,21 @@ def test_job_page_shows_executions_and_history(make_web_server: Any, page: Any) 
         expect(page.locator("#conn-log")).not_to_contain_text("reconnecting")
 
 
+def test_a_capped_history_says_how_many_changes_were_dropped(make_web_server: Any, page: Any) -> None:
+    server = make_web_server("--max-history-per-job", "5")
+    with Client(server.target) as c:
+        c.create_job("job-long")
+        for i in range(8):
+            c.create_execution("job-long", f"node-{i}", compute_reference=f"e{i}", state="ask_for_bid")
+        held = list(c.iter_history("job-long"))
+    assert [e.version for e in held] == [5, 6, 7, 8, 9]
+    page.goto(f"{server.url}#/job/job-long")
+    live(page)
+    expect(page.locator("#timeline > li")).to_have_count(5)
+    # Never shown as the whole story: the page says what came before the first change it holds.
+    expect(page.locator("#history-note")).to_have_text("5 changes, oldest first · 4 earlier changes dropped")
+
+
 def test_restart_goes_reconnecting_then_live_with_nothing_missed(
     make_web_server: Any, page: Any, tmp_path: Path
 ) -> None:

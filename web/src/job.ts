@@ -90,6 +90,8 @@ export class JobPage {
   private job: JobState | null = null;
   private deletedAt = 0n;
   private entries: JobHistoryEntry[] = [];
+  // Changes older than the first entry held, dropped by the server's --max-history-per-job.
+  private dropped = 0n;
   private historyFor = -1n; // the job version the shown history was read at
   private historyError = "";
   private loading = false;
@@ -150,6 +152,7 @@ export class JobPage {
       this.job = null;
       this.deletedAt = 0n;
       this.entries = [];
+      this.dropped = 0n;
       this.historyFor = -1n;
       this.historyError = "";
       this.list.replaceChildren();
@@ -286,14 +289,17 @@ export class JobPage {
     try {
       const entries: JobHistoryEntry[] = [];
       let token = "";
+      let dropped = 0n;
       for (let page = 0; page < MAX_PAGES; page++) {
         const res = await this.client.getJobHistory({ jobId: id, pageSize: 1000, pageToken: token });
+        if (page === 0) dropped = res.droppedEntries;
         entries.push(...res.entries);
         token = res.nextPageToken;
         if (!token) break;
       }
       if (id !== this.id) return;
       this.entries = entries;
+      this.dropped = dropped;
       this.historyError = "";
       // The history may be newer than the watched job (read after another change): the page asks again only
       // when the watch shows a version the history does not have yet.
@@ -317,7 +323,9 @@ export class JobPage {
       this.list.replaceChildren(h("li", { class: "error" }, `History unavailable: ${this.historyError}`));
       return;
     }
-    this.histNote.textContent = `${fmtInt(this.entries.length)} changes, oldest first`;
+    // Never pretend the list is complete: a capped history says how much came before it.
+    const earlier = this.dropped > 0n ? ` · ${fmtInt(this.dropped)} earlier changes dropped` : "";
+    this.histNote.textContent = `${fmtInt(this.entries.length)} changes, oldest first${earlier}`;
     const t0 = this.entries.length ? millis(this.entries[0].time) : 0;
     this.list.replaceChildren(
       ...this.entries.map((e) => {
