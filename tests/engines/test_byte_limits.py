@@ -9,8 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from grpcerrors import error_of
 
 from jobstate.client import Client
 from jobstate.client.cli import main
@@ -31,16 +30,6 @@ def stub(conformance_server: Any) -> Iterator[spb_grpc.JobStateServiceStub]:
     # grpc's defaults: a 4 MiB receive limit, as any client in any language starts with.
     with grpc.insecure_channel(conformance_server.target) as channel:
         yield spb_grpc.JobStateServiceStub(channel)
-
-
-def error_of(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str]]:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    assert status is not None, f"no rich status in {exc}"
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return exc.code(), info.reason, dict(info.metadata)  # type: ignore[attr-defined]
-    raise AssertionError(f"no ErrorInfo in {exc}")
 
 
 def add_execution(stub: spb_grpc.JobStateServiceStub, job_id: str, i: int, output: int) -> None:

@@ -16,8 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from grpcerrors import error_of
 from watchcheck import Commit, WatchChecker
 
 from jobstate.v1 import job_state_pb2 as pb
@@ -36,18 +35,6 @@ DEADLINE = 30.0
 def stub(conformance_server: Any) -> Iterator[spb_grpc.JobStateServiceStub]:
     with grpc.insecure_channel(conformance_server.target) as channel:
         yield spb_grpc.JobStateServiceStub(channel)
-
-
-def error_of(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str]]:
-    """The status code, ErrorInfo reason and metadata of a failed call."""
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    assert status is not None, f"no rich status in {exc}"
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            assert info.domain == "jobstate"
-            return exc.code(), info.reason, dict(info.metadata)  # type: ignore[attr-defined]
-    raise AssertionError(f"no ErrorInfo in {exc}")
 
 
 def fails(fn: Callable[[], object]) -> tuple[grpc.StatusCode, str, dict[str, str]]:

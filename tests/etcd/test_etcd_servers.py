@@ -17,8 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from grpcerrors import error_of
 from watchcheck import Commit, WatchChecker
 
 from etcd.etcd_server import EtcdServer, unique_prefix
@@ -41,16 +40,6 @@ def connect(server: Any) -> Iterator[Stub]:
 
 def on_etcd(make_server: Callable[..., Any], etcd: EtcdServer, prefix: str) -> Any:
     return make_server(store="etcd", etcd_endpoints=(etcd.endpoint,), etcd_prefix=prefix)
-
-
-def error_of(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str]]:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    assert status is not None, f"no rich status in {exc}"
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return exc.code(), info.reason, dict(info.metadata)  # type: ignore[attr-defined]
-    raise AssertionError(f"no ErrorInfo in {exc}")
 
 
 def fails(fn: Callable[[], object]) -> tuple[grpc.StatusCode, str, dict[str, str]]:

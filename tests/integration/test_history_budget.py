@@ -8,8 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from grpcerrors import error_of
 
 from jobstate.server import rules
 from jobstate.v1 import job_state_pb2 as pb
@@ -19,16 +18,6 @@ from jobstate.v1 import job_state_service_pb2_grpc as spb_grpc
 KiB = 1024
 MiB = 1024 * KiB
 BUDGET = 8 * MiB
-
-
-def reason(err: grpc.RpcError) -> tuple[grpc.StatusCode, str, dict[str, str]]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None, f"no rich status in {err}"
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return err.code(), info.reason, dict(info.metadata)  # type: ignore[attr-defined]
-    raise AssertionError(f"no ErrorInfo in {err}")
 
 
 def build_big_job(stub: spb_grpc.JobStateServiceStub, job_id: str = "big") -> int:
@@ -96,7 +85,7 @@ def test_history_stays_within_history_bytes_and_laggards_learn_where_to_resume(b
         # A watch from before what is held: REVISION_COMPACTED, naming the oldest held.
         with pytest.raises(grpc.RpcError) as compacted:
             next(stub.Watch(spb.WatchRequest(start_revision=2)))
-        assert reason(compacted.value) == (
+        assert error_of(compacted.value) == (
             grpc.StatusCode.OUT_OF_RANGE,
             "REVISION_COMPACTED",
             {"oldest_revision": str(oldest)},
@@ -111,7 +100,7 @@ def test_history_stays_within_history_bytes_and_laggards_learn_where_to_resume(b
             except grpc.RpcError as exc:
                 err = exc
             assert err is not None, "the stream ended without an error"
-            code, why, metadata = reason(err)
+            code, why, metadata = error_of(err)
             assert (code, why) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_LAGGED")
             resume = int(metadata["resume_revision"])
             assert resume == delivered + 1
