@@ -60,6 +60,18 @@ def test_tls_without_client_authentication_on_a_public_address_is_refused(pki: P
     assert "refusing to serve 0.0.0.0 with TLS but no client authentication" in p.stderr
     for flag in ("--auth-tokens", "--tls-client-ca", "--insecure"):
         assert flag in p.stderr
+
+
+def test_the_http_listener_is_held_to_the_same_rule(pki: PKI) -> None:
+    """gRPC on loopback does not make a public HTTP listener safe: HTTPS that asks no caller for a credential,
+    or plaintext HTTP, off loopback is refused at start as the gRPC port would be."""
+    tls = ["--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)]
+    https = serve_once("--http-port", str(free_port()), "--http-host", "0.0.0.0", *tls)
+    assert https.returncode == 1, https.stderr
+    assert "refusing to serve HTTP 0.0.0.0 with TLS but no client authentication" in https.stderr
+    plain = serve_once("--http-port", str(free_port()), "--http-host", "0.0.0.0")
+    assert plain.returncode == 1, plain.stderr
+    assert "refusing to serve plaintext HTTP on 0.0.0.0" in plain.stderr
     # Each way of saying who may call is accepted (checked without binding: tests stay on loopback).
     base = ServerConfig(host="0.0.0.0", tls_cert=str(pki.server.cert), tls_key=str(pki.server.key))
     for extra in ({"auth_tokens_file": "tokens"}, {"tls_client_ca": str(pki.ca)}, {"insecure": True}):
