@@ -9,11 +9,13 @@ Playwright cannot download its own browsers here; ``make test`` installs Debian'
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,25 +37,53 @@ CHROMIUM_ARGS = [
 START_TIMEOUT = 30.0
 
 
+class AddressInUse(AssertionError):
+    pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+SERVING = re.compile(r" serving address=\S+:(\d+) .*http_address=http://\S+:(\d+)")
+
+
 class WebServer:
-    """``jobstate serve`` with its HTTP listener, at fixed ports so that a restart comes back where it was."""
+    """``jobstate serve`` with its HTTP listener. It first binds free ports itself (port 0: a port picked here
+    and bound later could be taken in between by any process on the machine) and reads them from its start
+    line; a restart comes back on the same ports."""
 
     def __init__(self, log: Path, *args: str) -> None:
-        self.port = free_port()
-        self.http_port = free_port()
+        self.port = 0
+        self.http_port = 0
         self.args = args
         self.log = log
-        self.target = f"127.0.0.1:{self.port}"
-        self.url = f"http://127.0.0.1:{self.http_port}/"
         self.proc: subprocess.Popen[str] | None = None
 
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/"
+
     def start(self) -> None:
+        # A restart binds the ports it had: one just released may briefly be held by another process's
+        # connection, so a refused bind is tried again for a while rather than failing the test.
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                return self._start()
+            except AddressInUse:
+                if not self.port or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _start(self) -> None:
+        logged = len(self.log.read_text()) if self.log.exists() else 0
         command = [sys.executable, "-m", "jobstate", "serve", "--port", str(self.port)]
         command += ["--http-port", str(self.http_port), "--grace", "1", *self.args]
         self.proc = subprocess.Popen(
@@ -66,6 +96,7 @@ class WebServer:
         )
         serving = threading.Event()
         proc = self.proc
+        ports: list[int] = []
 
         def read() -> None:
             assert proc.stdout is not None
@@ -73,13 +104,21 @@ class WebServer:
                 for line in proc.stdout:
                     log.write(line)
                     log.flush()
-                    if " serving " in line:
+                    if (m := SERVING.search(line)) is not None:
+                        ports.extend((int(m.group(1)), int(m.group(2))))
                         serving.set()
             serving.set()  # the process ended: wake the waiter, which then sees it
 
         threading.Thread(target=read, daemon=True).start()
-        if not serving.wait(START_TIMEOUT) or proc.poll() is not None:
-            raise AssertionError(f"jobstate serve did not start: {self.log.read_text()[-2000:]}")
+        if not serving.wait(START_TIMEOUT) or not ports:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            text = self.log.read_text()[logged:][-2000:]
+            if "Address already in use" in text:
+                raise AddressInUse(text)
+            raise AssertionError(f"jobstate serve did not start: {text}")
+        self.port, self.http_port = ports
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -358,6 +358,10 @@ def test_compacted_resume_relists(make_web_server: Any, page: Any, tmp_path: Pat
         c.create_job("c-0")
     page.goto(server.url)
     live(page)
+    # The page stays away (its calls fail) until the server has moved on by more than it holds: otherwise it
+    # could reconnect right after the restart, before the writes, and resume without needing to relist.
+    api = "**/jobstate.v1.JobStateService/**"
+    page.route(api, lambda route: route.abort())
     server.stop()
     expect(page.locator("#conn")).to_have_attribute("data-state", "reconnecting", timeout=SLOW)
     server.start()
@@ -365,6 +369,7 @@ def test_compacted_resume_relists(make_web_server: Any, page: Any, tmp_path: Pat
         for i in range(1, 9):
             c.create_job(f"c-{i}")
         head = c.update_job_state("c-0", "queued").revision
+    page.unroute(api)
     expect(page.locator("#conn-log")).to_contain_text("no longer held", timeout=SLOW)
     expect(page.locator("#conn-log")).to_contain_text("relisted")
     expect(page.locator("#conn-text")).to_have_text(f"Live · revision {head}", timeout=SLOW)
