@@ -22,7 +22,7 @@ from typing import Any, TextIO, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from jobstate.client import core, view
+from jobstate.client import core, names, view
 from jobstate.client.aio import AsyncClient
 from jobstate.client.errors import JobStateError
 from jobstate.client.sync import Client
@@ -214,7 +214,7 @@ def history_change(entry: pb.JobHistoryEntry) -> str:
 
 
 def event_line(event: spb.WatchEvent) -> str:
-    kind = spb.WatchEventType.Name(event.type).removeprefix("WATCH_EVENT_TYPE_")
+    kind = names.event_type_name(event.type)
     if event.type == spb.WATCH_EVENT_TYPE_BOOKMARK:
         return f"{event.revision:>8}  {kind}"
     job = event.job
